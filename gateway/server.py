@@ -1,0 +1,100 @@
+"""`tollway serve`: prepare the stores in the parent, then hand the app to granian.
+
+The parent does everything that must happen exactly once (migrate the embedded store, seed the
+default plans, mint the first platform token, start the embedded Redis) before granian forks
+its workers. Workers rebuild their settings from the environment, so everything the parent
+decided is exported as `TOLLWAY_*` variables first. With chDB (embedded analytics), which only
+one process may open, there is exactly one worker and it also runs the metering consumer and
+the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+
+from granian import Granian
+from granian.constants import Interfaces
+from granian.log import LogLevels
+from granian.server import MPServer, MTServer
+from starlette.applications import Starlette
+
+from gateway import bootstrap
+from gateway.app import build_admin_app, build_app
+from tenancy.settings import Settings, load_settings
+
+log = logging.getLogger("tollway.server")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    backends: bootstrap.Backends
+    redis_url: str
+    workers: int
+    jobs_in_process: bool
+    new_token: str | None
+
+
+def prepare(settings: Settings, workers: int) -> Prepared:
+    found = bootstrap.log_backends(settings)
+    redis_url = bootstrap.pin_redis(settings)
+    cp = bootstrap.open_control_plane(settings)
+    try:
+        bootstrap.seed(cp)
+        token = bootstrap.ensure_platform_token(cp)
+    finally:
+        cp.close()
+    embedded = bootstrap.is_chdb(settings)
+    if embedded and workers != 1:
+        log.warning("embedded analytics (chDB) allows one process: running 1 worker, not %d",
+                    workers)
+        workers = 1
+    jobs = embedded or (settings.embedded_worker and workers == 1)
+    os.environ["TOLLWAY_JOBS_IN_PROCESS"] = "1" if jobs else "0"
+    return Prepared(found, redis_url, workers, jobs, token)
+
+
+def worker_app() -> Starlette:
+    """granian's factory target for the public listener, called in each worker process."""
+    settings = load_settings()
+    return build_app(settings, jobs=os.environ.get("TOLLWAY_JOBS_IN_PROCESS") == "1")
+
+
+def admin_worker_app() -> Starlette:
+    """granian's factory target for the separate admin listener."""
+    return build_admin_app(load_settings())
+
+
+def _granian(target: str, host: str, port: int, workers: int, log_level: str) -> MPServer | MTServer:
+    level = LogLevels(log_level) if log_level in LogLevels.__members__ else LogLevels.info
+    server: MPServer | MTServer = Granian(
+        target, address=host, port=port, interface=Interfaces.ASGI, workers=workers,
+        factory=True, log_level=level, process_name="tollway",
+    )
+    return server
+
+
+def _serve_admin(host: str, port: int, log_level: str) -> None:
+    _granian("gateway.server:admin_worker_app", host, port, 1, log_level).serve()
+
+
+def run(settings: Settings, prepared: Prepared) -> None:
+    """Serve until SIGINT/SIGTERM; granian drains the workers and runs their shutdown."""
+    admin: multiprocessing.Process | None = None
+    if settings.admin_port is not None:
+        admin = multiprocessing.Process(
+            target=_serve_admin, name="tollway-admin",
+            args=(settings.admin_host or settings.host, settings.admin_port, settings.log_level),
+        )
+        admin.start()
+    try:
+        _granian(
+            "gateway.server:worker_app", settings.host, settings.port, prepared.workers,
+            settings.log_level,
+        ).serve()
+    finally:
+        if admin is not None:
+            admin.terminate()
+            admin.join(timeout=15)

@@ -67,7 +67,9 @@ def admin_worker_app() -> Starlette:
     return build_admin_app(load_settings())
 
 
-def _granian(target: str, host: str, port: int, workers: int, log_level: str) -> MPServer | MTServer:
+def _granian(
+    target: str, host: str, port: int, workers: int, log_level: str
+) -> MPServer | MTServer:
     level = LogLevels(log_level) if log_level in LogLevels.__members__ else LogLevels.info
     server: MPServer | MTServer = Granian(
         target, address=host, port=port, interface=Interfaces.ASGI, workers=workers,

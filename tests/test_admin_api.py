@@ -51,7 +51,8 @@ async def test_tenant_lifecycle_flow(client: httpx.AsyncClient) -> None:
     got = await client.get(f"/tenants/{tid}")
     assert got.status_code == 200 and got.json()["name"] == "acme"
 
-    patched = await client.patch(f"/tenants/{tid}", json={"settings": {}, "metadata": {"crm": "42"}})
+    patch = {"settings": {}, "metadata": {"crm": "42"}}
+    patched = await client.patch(f"/tenants/{tid}", json=patch)
     assert patched.status_code == 200, patched.text
     assert patched.json()["metadata"] == {"crm": "42"}
 
@@ -145,8 +146,9 @@ fail_mode = "closed"
     assert applied.status_code == 200, applied.text
     assert applied.json()["plans"] == [{"plan_id": "gold", "version": 1, "created": True}]
 
-    yaml_doc = b"plans:\n  gold:\n    name: Gold\n    price: '99.00'\n    currency: USD\n" \
-               b"    limits: {rate_per_second: 60, burst: 100, concurrency: 10, fail_mode: closed}\n"
+    yaml_doc = (b"plans:\n  gold:\n    name: Gold\n    price: '99.00'\n    currency: USD\n"
+                b"    limits: {rate_per_second: 60, burst: 100, concurrency: 10,\n"
+                b"             fail_mode: closed}\n")
     again = await client.post("/plans", content=yaml_doc,
                               headers={"content-type": "application/yaml"})
     assert again.json()["plans"][0]["version"] == 2

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from gateway.app import build_admin_app, build_app
@@ -28,19 +31,20 @@ async def client(cp: ControlPlane) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def _problem(response: httpx.Response, status: int) -> dict:
+def _problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == PROBLEM_JSON
-    body = response.json()
+    body: dict[str, Any] = response.json()
     assert body["status"] == status
     return body
 
 
-async def _tenant(client: httpx.AsyncClient, name: str, **extra) -> dict:
+async def _tenant(client: httpx.AsyncClient, name: str, **extra: Any) -> dict[str, Any]:
     response = await client.post("/tenants", json={"name": name, "email": f"{name}@example.com",
                                                    **extra})
     assert response.status_code == 201, response.text
-    return response.json()
+    tenant: dict[str, Any] = response.json()
+    return tenant
 
 
 async def test_tenant_lifecycle_flow(client: httpx.AsyncClient) -> None:
@@ -212,7 +216,7 @@ async def test_unauthenticated_is_refused(client: httpx.AsyncClient) -> None:
     assert spec.status_code == 200 and spec.json()["openapi"] == "3.1.0"
 
 
-def _mounted_admin_routes(app) -> set[tuple[str, str]]:
+def _mounted_admin_routes(app: Starlette) -> set[tuple[str, str]]:
     mount = next(r for r in app.routes if isinstance(r, Mount) and r.path == admin_api.PREFIX)
     found = set()
     for route in mount.routes:
@@ -254,7 +258,7 @@ async def test_probes_metrics_and_proxy_placeholder(cp: ControlPlane) -> None:
         assert _problem(proxied, 501)["detail"] == "proxying not configured"
 
 
-async def test_readyz_names_the_failing_store(cp: ControlPlane, tmp_path) -> None:
+async def test_readyz_names_the_failing_store(cp: ControlPlane, tmp_path: Path) -> None:
     from tenancy.settings import load_settings
 
     broken = load_settings(env={}, data_dir=tmp_path, database_url=cp.settings.database_url,

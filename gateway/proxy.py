@@ -1,0 +1,323 @@
+"""Forwarding one request to an upstream and streaming the answer back, over raw ASGI.
+
+aiohttp is the upstream client because it was measured at roughly ten times httpx's
+throughput here (benchmarks/RESULTS.md, "Proxy"). One pooled session per process, created on
+the first request so it binds to the server's running loop. Bodies move chunk by chunk in
+both directions; nothing is buffered whole, so memory stays flat whatever the size.
+
+Failures the client can see are problem+json: 431/413 for oversized requests before any
+upstream I/O, 502 when the upstream cannot be reached or answers garbage, 504 when it does
+not answer in time. The upstream's exception text stays in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from gateway.forwarding import (
+    Header,
+    TrustedProxies,
+    header_bytes,
+    request_headers,
+    response_headers,
+)
+from gateway.units import parse_units
+from tenancy.problems import PROBLEM_JSON, Problem
+from tenancy.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("tollway.proxy")
+
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response was done
+# Headers aiohttp would otherwise invent; the client's own values pass through instead.
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_PROBLEM_TYPE = PROBLEM_JSON.encode()
+_WATCH_AFTER_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class ProxyResult:
+    """Response facts for the usage event. `upstream_ms` is the time to the upstream's
+    response headers; `aborted` means the response was cut off mid-body."""
+
+    status: int
+    bytes_in: int
+    bytes_out: int
+    units: dict[str, Decimal] = field(default_factory=dict)
+    upstream_ms: float = 0.0
+    aborted: bool = False
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Upload:
+    """One exchange's progress: the client's body as an async iterator for aiohttp, counted
+    and capped as it flows, and the bytes sent back. aiohttp wraps errors raised in the body
+    iterator, so outcomes are kept in flags rather than read off the exception."""
+
+    __slots__ = ("finished", "gone", "limit", "receive", "received", "responding", "sent",
+                 "too_large")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.received = 0
+        self.sent = 0
+        self.finished = False
+        self.too_large = False
+        self.gone = False
+        self.responding = False
+
+    async def first(self) -> tuple[bytes, bool]:
+        """The first body chunk and whether more follows; a small body is then sent with a
+        Content-Length instead of chunked."""
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.gone = True
+            raise _ClientGone
+        body: bytes = message.get("body", b"")
+        self._count(body)
+        more = bool(message.get("more_body", False))
+        self.finished = not more
+        return body, more
+
+    async def rest(self, first: bytes) -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                raise _ClientGone
+            body: bytes = message.get("body", b"")
+            self._count(body)
+            if body:
+                yield body
+            if not message.get("more_body", False):
+                self.finished = True
+                return
+
+    def _count(self, body: bytes) -> None:
+        self.received += len(body)
+        if self.received > self.limit:
+            self.too_large = True
+            raise _TooLarge
+
+
+async def send_problem(send: Send, problem: Problem, extra_headers: Sequence[Header] = ()) -> int:
+    """Render a Problem on a raw ASGI `send`; returns the body size for byte accounting."""
+    body = orjson.dumps(problem.body())
+    headers = [(b"content-type", _PROBLEM_TYPE), (b"content-length", str(len(body)).encode())]
+    headers.extend((k.lower().encode(), v.encode()) for k, v in problem.headers.items())
+    headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return len(body)
+
+
+def check_limits(headers: Sequence[Header], settings: Settings) -> Problem | None:
+    """Header-size and declared-body-size limits, cheap enough to run before admission so an
+    oversized request costs the tenant no quota."""
+    if header_bytes(headers) > settings.max_header_bytes:
+        return Problem(431, f"request headers exceed {settings.max_header_bytes} bytes")
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            if not value.isdigit():
+                return Problem(400, "invalid Content-Length")
+            if int(value) > settings.max_body_bytes:
+                return _too_large(settings)
+    return None
+
+
+def _too_large(settings: Settings) -> Problem:
+    return Problem(413, f"request body exceeds {settings.max_body_bytes} bytes")
+
+
+class Proxy:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        # sock_connect bounds the TCP connect; connect also covers waiting for a pool slot,
+        # which must not be unbounded either.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.upstream_connect_timeout_s + settings.upstream_read_timeout_s,
+            sock_connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_read_timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.settings.upstream_pool_size,
+                limit_per_host=0,
+                ttl_dns_cache=60,
+                keepalive_timeout=30,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                # A shared jar would hand one tenant's upstream cookies to the next tenant.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # Bytes pass through as the upstream encoded them, Content-Encoding intact.
+                auto_decompress=False,
+                skip_auto_headers=_NO_AUTO_HEADERS,
+                trust_env=False,
+                requote_redirect_url=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        upstream: str,
+        path: str,
+        query: bytes,
+        headers: Sequence[Header],
+        upstream_headers: Sequence[tuple[str, str]] = (),
+        extra_response_headers: Sequence[Header] = (),
+    ) -> ProxyResult:
+        """Send the request to `upstream` (scheme://host[:port][/base]) + `path` (already
+        percent-encoded, e.g. the ASGI raw_path) + `query`, and stream the response to `send`.
+
+        `headers` are the client's request headers, filtered here (gateway.forwarding);
+        `upstream_headers` are trusted additions such as the signed tenant header, and
+        `extra_response_headers` (RateLimit...) are added to whatever the client receives.
+        """
+        settings = self.settings
+        problem = check_limits(headers, settings)
+        if problem is not None:
+            size = await send_problem(send, problem, extra_response_headers)
+            return ProxyResult(problem.status, 0, size)
+
+        client = scope.get("client")
+        out_headers = request_headers(
+            headers,
+            client=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            trusted=self.trusted,
+        )
+        out_headers.extend(upstream_headers)
+        target = upstream.rstrip("/") + path
+        if query:
+            target += "?" + query.decode("latin-1")
+        upload = _Upload(receive, settings.max_body_bytes)
+        started = time.perf_counter()
+        upstream_ms = 0.0
+        try:
+            first, more = await upload.first()
+            data: bytes | AsyncIterator[bytes] | None = (
+                upload.rest(first) if more else (first or None)
+            )
+            async with self._client().request(
+                scope["method"],
+                URL(target, encoded=True),
+                headers=out_headers,
+                data=data,
+                allow_redirects=False,
+            ) as resp:
+                upstream_ms = (time.perf_counter() - started) * 1000
+                resp_headers, units_raw = response_headers(resp.raw_headers)
+                resp_headers.extend(extra_response_headers)
+                upload.responding = True
+                await _send(send, upload, {
+                    "type": "http.response.start", "status": resp.status, "headers": resp_headers,
+                })
+                await _stream_body(resp, receive, send, upload)
+                return ProxyResult(
+                    resp.status, upload.received, upload.sent, parse_units(units_raw), upstream_ms
+                )
+        except (TimeoutError, _ClientGone, _TooLarge, aiohttp.ClientError) as exc:
+            return await self._failed(exc, upload, send, upstream_ms, extra_response_headers,
+                                      target)
+
+    async def _failed(
+        self,
+        exc: BaseException,
+        upload: _Upload,
+        send: Send,
+        upstream_ms: float,
+        extra_headers: Sequence[Header],
+        target: str,
+    ) -> ProxyResult:
+        """Turn a failure into what the client sees, if anything can still be said."""
+        if upload.gone:
+            return ProxyResult(CLIENT_CLOSED, upload.received, upload.sent, {}, upstream_ms, True)
+        if upload.responding:
+            # Headers are out: the only honest signal left is cutting the connection, which
+            # the server does when the app returns without finishing the body.
+            log.warning("response from %s cut off: %r", target, exc)
+            return ProxyResult(502, upload.received, upload.sent, {}, upstream_ms, True)
+        if upload.too_large:
+            problem = _too_large(self.settings)
+        elif isinstance(exc, TimeoutError):
+            log.warning("upstream %s timed out: %r", target, exc)
+            problem = Problem(504, "the upstream service did not answer in time")
+        else:
+            log.warning("upstream %s failed: %r", target, exc)
+            problem = Problem(502, "the upstream service could not be reached")
+        size = await send_problem(send, problem, extra_headers)
+        return ProxyResult(problem.status, upload.received, size, {}, upstream_ms)
+
+
+async def _send(send: Send, upload: _Upload, message: Message) -> None:
+    try:
+        await send(message)
+    except OSError as exc:  # ASGI servers that report a vanished client this way
+        upload.gone = True
+        raise _ClientGone from exc
+
+
+async def _stream_body(
+    resp: aiohttp.ClientResponse, receive: Receive, send: Send, upload: _Upload
+) -> None:
+    """Copy the upstream body to the client chunk by chunk. `send` blocks while the client is
+    slow, which is the backpressure; but some servers (granian) silently swallow sends once
+    the client is gone, so past the first megabyte a watcher on `receive` notices the
+    disconnect and stops the copy. Small responses never pay for the watcher task."""
+    watch: asyncio.Future[Message] | None = None
+    try:
+        async for chunk in resp.content.iter_any():
+            upload.sent += len(chunk)
+            await _send(send, upload, {"type": "http.response.body", "body": chunk,
+                                       "more_body": True})
+            if upload.sent > _WATCH_AFTER_BYTES and upload.finished:
+                if watch is None:
+                    watch = asyncio.ensure_future(receive())
+                elif watch.done():
+                    upload.gone = True
+                    raise _ClientGone
+        await _send(send, upload, {"type": "http.response.body", "body": b"",
+                                   "more_body": False})
+    finally:
+        if watch is not None and not watch.done():
+            watch.cancel()

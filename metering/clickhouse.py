@@ -1,9 +1,13 @@
-"""One ClickHouse client per process, chDB embedded or a server, through clickhouse-connect.
+"""One ClickHouse client per process and purpose, chDB embedded or a server, via clickhouse-connect.
 
-chDB lets a process open a single data directory at a time and its calls block, so the client
-is cached here and reused; async callers go through `run_blocking`, which also serialises calls
-because one chDB handle is not safe to share between threads. Opening a different chDB
-directory closes the cached client first, which is what lets each test own a directory.
+chDB lets a process open a single data directory at a time and its calls block, so clients
+are cached here and reused; async callers go through `run_blocking`, which also serialises
+calls because one chDB handle is not safe to share between threads. Opening a different
+chDB directory closes the cached clients first, which is what lets each test own a directory.
+
+The read-only client is a separate handle because chDB keeps query-level settings on the
+session: a single `readonly=1` query would turn the shared writer read-only for good. Its
+limits are set before `readonly`, since a read-only session can no longer change settings.
 """
 
 from __future__ import annotations
@@ -24,11 +28,18 @@ T = TypeVar("T")
 
 # Inserts that repeat a block with the same insert_deduplication_token must not reach the
 # rollups twice: the raw table drops the block and the materialized views must drop it too.
-SESSION_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+SESSION_SETTINGS: dict[str, object] = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+READONLY_SETTINGS: dict[str, object] = {
+    "max_result_rows": 100_000,
+    "result_overflow_mode": "throw",
+    "max_execution_time": 30,
+    "readonly": 1,
+}
 
 _lock = threading.Lock()
 _calls = threading.Lock()
-_cached: tuple[str, Client] | None = None
+_dsn: str | None = None
+_clients: dict[str, Client] = {}
 
 
 def clickhouse_dsn(settings: Settings) -> str:
@@ -42,28 +53,38 @@ def is_chdb(settings: Settings) -> bool:
 
 
 def connect(settings: Settings) -> Client:
-    """The process's client for `settings`; reopened only when the target changes."""
-    global _cached
-    dsn = clickhouse_dsn(settings)
-    with _lock:
-        if _cached is not None and _cached[0] == dsn:
-            return _cached[1]
-        if _cached is not None:
-            _cached[1].close()
-            _cached = None
-        if dsn.startswith("chdb:"):
-            Path(urlsplit(dsn).path).mkdir(parents=True, exist_ok=True)
-        client = clickhouse_connect.get_client(dsn=dsn, settings=dict(SESSION_SETTINGS))
-        _cached = (dsn, client)
-        return client
+    """The process's read-write client for `settings`; reopened only when the target changes."""
+    return _client(settings, "rw", SESSION_SETTINGS)
+
+
+def readonly_client(settings: Settings) -> Client:
+    """A separate session that ClickHouse itself keeps read-only, with result limits."""
+    return _client(settings, "ro", READONLY_SETTINGS)
 
 
 def close() -> None:
-    global _cached
+    global _dsn
     with _lock:
-        if _cached is not None:
-            _cached[1].close()
-            _cached = None
+        for client in _clients.values():
+            client.close()
+        _clients.clear()
+        _dsn = None
+
+
+def _client(settings: Settings, kind: str, session: dict[str, object]) -> Client:
+    global _dsn
+    dsn = clickhouse_dsn(settings)
+    with _lock:
+        if _dsn != dsn:
+            for client in _clients.values():
+                client.close()
+            _clients.clear()
+            _dsn = dsn
+        if kind not in _clients:
+            if dsn.startswith("chdb:"):
+                Path(urlsplit(dsn).path).mkdir(parents=True, exist_ok=True)
+            _clients[kind] = clickhouse_connect.get_client(dsn=dsn, settings=dict(session))
+        return _clients[kind]
 
 
 async def run_blocking(fn: Callable[..., T], *args: object) -> T:

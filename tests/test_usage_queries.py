@@ -1,0 +1,178 @@
+"""Usage queries on real chDB: rollups agree with the raw table, timezones, late events."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from metering.events import UsageEvent
+from metering.export import export_usage
+from metering.ingest import insert_events
+from metering.meters import load_meters, parse
+from metering.schema import RAW_TABLE
+from metering.usage import (
+    compare,
+    month_bounds,
+    pick_source,
+    previous_month,
+    quota_summary,
+    total,
+    totals,
+    usage,
+)
+from tenancy.problems import Problem
+from tenancy.settings import Settings
+
+# a recent month start, well inside the raw TTL
+REF = (datetime.now(UTC) - timedelta(days=45)).replace(
+    day=1, hour=0, minute=0, second=0, microsecond=0
+)
+
+
+def _ev(at: datetime, meter: str = "api_calls", units: str = "1", tenant: str = "t1", **kw):
+    return UsageEvent(tenant_id=tenant, meter=meter, subject=kw.pop("subject", "k1"),
+                      time_ms=int(at.timestamp() * 1000), units=Decimal(units), **kw)
+
+
+@pytest.fixture
+def meters(ch_settings: Settings):
+    return load_meters(ch_settings)
+
+
+@pytest.fixture
+def loaded(ch):
+    """~600 events over five days around a month boundary, two tenants, all meters."""
+    rnd = random.Random(7)
+    events = []
+    for _ in range(600):
+        at = REF + timedelta(minutes=rnd.randrange(-2 * 1440, 3 * 1440), seconds=rnd.random() * 59)
+        meter = rnd.choice(["api_calls", "api_calls", "tokens", "storage_gb", "ai_interactions"])
+        events.append(_ev(
+            at, meter, units=str(rnd.randrange(1, 500)), tenant=rnd.choice(["t1", "t1", "t2"]),
+            subject=f"k{rnd.randrange(6)}", route=rnd.choice(["/a", "/b/{id}"]),
+            method=rnd.choice(["GET", "POST"]), status=rnd.choice([200, 404]),
+            bytes_out=rnd.randrange(10_000), dims={"model": rnd.choice(["m1", "m2"])},
+        ))
+    for i in range(0, len(events), 100):
+        insert_events(ch, events[i:i + 100], "gateway", f"load-{i}")
+    return ch
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Asia/Kolkata"])
+def test_rollups_agree_with_raw(loaded, meters, tz: str) -> None:
+    start, end = REF - timedelta(days=3), REF + timedelta(days=4)
+    expected_source = {"UTC": "usage_day", "America/New_York": "usage_hour",
+                       "Asia/Kolkata": "usage_minute"}[tz]
+    assert pick_source("day", tz, start, end) == expected_source
+    for meter in meters.values():
+        for window in ("hour", "day", "month"):
+            fast = usage(loaded, meter, "t1", start, end, window, tz, meter.dimensions[:1])
+            slow = usage(loaded, meter, "t1", start, end, window, tz, meter.dimensions[:1],
+                         source=RAW_TABLE)
+            assert fast == slow, (meter.name, window)
+            assert fast, (meter.name, window)
+        assert total(loaded, meter, "t1", start, end) == total(
+            loaded, meter, "t1", start, end, source=RAW_TABLE
+        )
+
+
+def test_unaligned_ranges_fall_back_to_raw() -> None:
+    start = REF + timedelta(seconds=30)
+    assert pick_source("hour", "UTC", start, REF + timedelta(days=1)) == RAW_TABLE
+    assert pick_source(None, "UTC", REF, REF + timedelta(hours=5)) == "usage_hour"
+    assert pick_source("minute", "UTC", REF, REF + timedelta(days=1)) == "usage_minute"
+
+
+def test_late_events_land_in_their_own_period(ch, meters) -> None:
+    api = meters["api_calls"]
+    insert_events(ch, [_ev(REF + timedelta(hours=30))], "gateway", "on-time")
+    # arrives later, belongs to the last hour of the previous month (UTC)
+    insert_events(ch, [_ev(REF - timedelta(minutes=10))], "gateway", "late")
+    start, end = REF - timedelta(days=40), REF + timedelta(days=40)
+    months = usage(ch, api, "t1", start, end, "month", "UTC")
+    assert [(r.period_start, r.value) for r in months] == [
+        (month_bounds(REF - timedelta(days=1), "UTC")[0], Decimal(1)),
+        (REF, Decimal(1)),
+    ]
+    hours = usage(ch, api, "t1", start, end, "hour", "UTC")
+    assert hours[0].period_start == REF - timedelta(hours=1)
+    # in New York, REF + 2h UTC is still the previous local month
+    insert_events(ch, [_ev(REF + timedelta(hours=2))], "gateway", "ny")
+    ny = usage(ch, api, "t1", start, end, "month", "America/New_York")
+    assert [r.value for r in ny] == [Decimal(2), Decimal(1)]
+    assert ny[0].period_start.tzinfo is not None
+    assert ny[1].period_start.utcoffset() in (timedelta(hours=-4), timedelta(hours=-5))
+    days = usage(ch, api, "t1", start, end, "day", "America/New_York")
+    assert [r.value for r in days] == [Decimal(2), Decimal(1)]
+
+
+def test_group_by_declared_dimensions_only(loaded, meters) -> None:
+    tokens = meters["tokens"]
+    rows = usage(loaded, tokens, "t1", REF, REF + timedelta(days=1), "day", "UTC", ["model"])
+    assert {r.dims["model"] for r in rows} == {"m1", "m2"}
+    assert sum(r.value for r in rows) == total(loaded, tokens, "t1", REF, REF + timedelta(days=1))
+    with pytest.raises(Problem) as err:
+        usage(loaded, tokens, "t1", REF, REF + timedelta(days=1), "day", "UTC", ["route"])
+    assert err.value.status == 422
+
+
+def test_aggregations(ch, meters) -> None:
+    custom = parse({"meters": {
+        "disk": {"aggregation": "LATEST", "value": "units"},
+        "teams": {"aggregation": "UNIQUE_COUNT", "value": "dims.team", "event": "api_calls"},
+    }})
+    at = REF + timedelta(hours=3)
+    insert_events(ch, [
+        _ev(at, subject="a", dims={"team": "x"}), _ev(at, subject="b", dims={"team": "x"}),
+        _ev(at + timedelta(minutes=1), subject="a", dims={"team": "y"}),
+        _ev(at, "disk", "7"), _ev(at + timedelta(hours=2), "disk", "3"),
+        _ev(at + timedelta(minutes=5), "storage_gb", "12"), _ev(at, "storage_gb", "4"),
+    ], "gateway", "mix")
+    insert_events(ch, [_ev(at, units="-1")], "correction", "fix")
+    end = REF + timedelta(days=1)
+    got = totals(ch, [*meters.values(), *custom.values()], "t1", REF, end)
+    assert got["api_calls"] == 2  # three calls, one corrected away
+    assert got["active_users"] == 2
+    assert got["teams"] == 2
+    assert got["disk"] == 3
+    assert got["storage_gb"] == 12
+    assert got["tokens"] == 0
+
+
+def test_quota_summary_and_report() -> None:
+    start, end = month_bounds(datetime(2026, 3, 15, 12, tzinfo=UTC), "Europe/Paris")
+    assert start == datetime(2026, 2, 28, 23, tzinfo=UTC)
+    assert end == datetime(2026, 3, 31, 22, tzinfo=UTC)  # DST starts on 29 March
+    assert previous_month(start, "Europe/Paris") == (
+        datetime(2026, 1, 31, 23, tzinfo=UTC), start
+    )
+    lines = quota_summary({"api_calls": Decimal(2500)}, {"api_calls": 10_000, "tokens": 0}, end)
+    assert [(q.meter, q.used, q.percent) for q in lines] == [
+        ("api_calls", Decimal(2500), Decimal("25.0")), ("tokens", Decimal(0), Decimal(0)),
+    ]
+    report = compare({"api_calls": Decimal(150)}, {"api_calls": Decimal(100), "tokens": Decimal(5)})
+    assert [(r.meter, r.change, r.change_percent) for r in report] == [
+        ("api_calls", Decimal(50), Decimal("50.0")), ("tokens", Decimal(-5), Decimal("-100.0")),
+    ]
+
+
+def test_export_csv_and_parquet(loaded, tmp_path: Path) -> None:
+    start, end = REF - timedelta(days=1), REF + timedelta(days=1)
+    text = export_usage(loaded, "t1", start, end, "UTC", "csv").decode()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows and set(rows[0]) >= {"meter", "day", "route", "dims", "events", "units"}
+    calls = sum(int(r["events"]) for r in rows if r["meter"] == "api_calls")
+    assert calls == total(loaded, load_meters(Settings())["api_calls"], "t1", start, end)
+    blob = export_usage(loaded, "t1", start, end, "UTC", "parquet")
+    assert blob[:4] == b"PAR1"
+    path = tmp_path / "usage.parquet"
+    path.write_bytes(blob)
+    back = loaded.query("SELECT count(), sum(events) FROM file({p:String}, Parquet)",
+                        parameters={"p": str(path)}).result_rows
+    assert back[0] == (len(rows), sum(int(r["events"]) for r in rows))

@@ -1,0 +1,220 @@
+"""The gateway's immutable, in-process view of the control plane.
+
+Requests never query the store: they read a `Snapshot` built by a handful of bulk queries
+(one per table). Everything a request needs is derived here, once per load: lowercase host
+maps, the tenant's plan, its ZoneInfo, epoch-second deadlines, route scope rules and inline
+JWKS. A new snapshot replaces the old one wholesale, so a request sees one consistent view.
+
+One tenant's bad settings (an unknown timezone, a malformed route rule) are logged and
+defaulted rather than failing the load: a typo by one tenant must not stop every replica from
+picking up another tenant's key revocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from jwt import PyJWK
+from sqlalchemy import Engine, RowMapping, select
+
+from gateway.jwt_auth import parse_jwks
+from tenancy import audit, keys
+from tenancy.plans import Plan
+from tenancy.tables import domains, tenants
+from tenancy.tables import plans as plans_table
+
+log = logging.getLogger("tollway.snapshot")
+
+DEFAULT_DUNNING_DAYS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """Requests whose path is `prefix` or below it need every scope in `scopes`."""
+
+    prefix: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    id: str
+    name: str
+    status: str
+    region: str
+    currency: str
+    timezone: str
+    tz: ZoneInfo
+    subdomain: str | None
+    domains: tuple[str, ...]
+    plan: Plan | None
+    upstream: str | None
+    settings: Mapping[str, Any]
+    trial_ends_ts: float | None
+    status_changed_ts: float
+    dunning_days: int
+    routes: tuple[RouteRule, ...]
+    jwks_url: str | None
+    jwks: Mapping[str, PyJWK] | None
+    jwt_issuer: str | None
+    jwt_audience: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    tenant_id: str
+    name: str
+    mode: str
+    prefix: str
+    scopes: frozenset[str]
+    expires_ts: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    tenants: Mapping[str, TenantRecord]
+    by_subdomain: Mapping[str, TenantRecord]
+    by_domain: Mapping[str, TenantRecord]
+    keys: Mapping[str, KeyRecord]
+    plans: Mapping[tuple[str, int], Plan]
+    version: int
+    loaded_at: float
+
+
+def load_snapshot(engine: Engine) -> Snapshot:
+    """Blocking: run it in a worker thread when called from the event loop.
+
+    The audit sequence is read first, inside the same transaction as the tables, so the
+    snapshot reflects at least `version`; a change racing the load only causes one more reload.
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        version = audit.latest_seq(conn)
+        plan_map = _plans(conn.execute(select(plans_table)).mappings())
+        domain_rows = conn.execute(select(domains.c.domain, domains.c.tenant_id)).all()
+        tenant_rows = conn.execute(select(tenants)).mappings().all()
+        key_rows = keys.active_by_hash(conn)
+    tenant_domains: dict[str, list[str]] = {}
+    for domain, tenant_id in domain_rows:
+        tenant_domains.setdefault(tenant_id, []).append(host_key(domain))
+    tenant_map: dict[str, TenantRecord] = {}
+    for row in tenant_rows:
+        plan = plan_map.get((row["plan_id"], row["plan_version"]))
+        tenant_map[row["id"]] = _tenant(row, plan, tuple(tenant_domains.get(row["id"], ())))
+    by_subdomain = {t.subdomain: t for t in tenant_map.values() if t.subdomain}
+    by_domain = {d: t for t in tenant_map.values() for d in t.domains}
+    key_map = {
+        digest: _key(record)
+        for digest, record in key_rows.items()
+        if record["tenant_id"] in tenant_map
+    }
+    return Snapshot(
+        tenants=tenant_map, by_subdomain=by_subdomain, by_domain=by_domain, keys=key_map,
+        plans=plan_map, version=version, loaded_at=time.time(),
+    )
+
+
+def host_key(host: str) -> str:
+    """The form hosts are compared in: lowercase, without a trailing dot."""
+    return host.lower().rstrip(".")
+
+
+def _plans(rows: Iterable[RowMapping]) -> dict[tuple[str, int], Plan]:
+    out = {}
+    for row in rows:
+        try:
+            out[row["plan_id"], row["version"]] = Plan.from_row(row)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping malformed plan %s v%s: %s", row["plan_id"], row["version"], exc)
+    return out
+
+
+def _tenant(row: RowMapping, plan: Plan | None, hosts: tuple[str, ...]) -> TenantRecord:
+    tenant_id: str = row["id"]
+    settings: Mapping[str, Any] = row["settings"] if isinstance(row["settings"], dict) else {}
+    return TenantRecord(
+        id=tenant_id, name=row["name"], status=row["status"], region=row["region"],
+        currency=row["currency"], timezone=row["timezone"], tz=_zone(tenant_id, row["timezone"]),
+        subdomain=host_key(row["subdomain"]) if row["subdomain"] else None,
+        domains=hosts, plan=plan,
+        upstream=row["upstream"] or (plan.upstream if plan is not None else None),
+        settings=settings, trial_ends_ts=_epoch(row["trial_ends_at"]),
+        status_changed_ts=_epoch(row["status_changed_at"]) or 0.0,
+        dunning_days=_dunning_days(tenant_id, settings.get("dunning_days", DEFAULT_DUNNING_DAYS)),
+        routes=_routes(tenant_id, settings.get("routes")),
+        jwks_url=_str_or_none(settings.get("jwks_url")),
+        jwks=_inline_jwks(tenant_id, settings.get("jwks")),
+        jwt_issuer=_str_or_none(settings.get("jwt_issuer")),
+        jwt_audience=_str_or_none(settings.get("jwt_audience")),
+    )
+
+
+def _key(record: Mapping[str, Any]) -> KeyRecord:
+    return KeyRecord(
+        id=record["id"], tenant_id=record["tenant_id"], name=record["name"],
+        mode=record["mode"], prefix=record["prefix"], scopes=frozenset(record["scopes"]),
+        expires_ts=_epoch(record["expires_at"]),
+    )
+
+
+def _epoch(value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite returns naive datetimes; the store writes UTC
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def _zone(tenant_id: str, name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: a malformed key like "../x"
+        log.warning("tenant %s has unknown timezone %r; using UTC", tenant_id, name)
+        return ZoneInfo("UTC")
+
+
+def _dunning_days(tenant_id: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    log.warning("tenant %s has invalid dunning_days %r; using %d", tenant_id, value,
+                DEFAULT_DUNNING_DAYS)
+    return DEFAULT_DUNNING_DAYS
+
+
+def _routes(tenant_id: str, value: Any) -> tuple[RouteRule, ...]:
+    if value is None:
+        return ()
+    rules: list[RouteRule] = []
+    for item in value if isinstance(value, list) else [value]:
+        prefix = item.get("prefix") if isinstance(item, dict) else None
+        scopes = item.get("scopes") if isinstance(item, dict) else None
+        if (
+            not isinstance(prefix, str) or not prefix.startswith("/")
+            or not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes)
+        ):
+            log.warning("tenant %s: ignoring malformed route rule %r", tenant_id, item)
+            continue
+        rules.append(RouteRule(prefix.rstrip("/") or "/", tuple(sorted(set(scopes)))))
+    return tuple(rules)
+
+
+def _inline_jwks(tenant_id: str, value: Any) -> Mapping[str, PyJWK] | None:
+    if value is None:
+        return None
+    try:
+        return parse_jwks(value)
+    except ValueError as exc:
+        log.warning("tenant %s: ignoring unusable inline jwks: %s", tenant_id, exc)
+        return None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

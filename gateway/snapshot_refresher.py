@@ -1,0 +1,159 @@
+"""Keeps each gateway process's snapshot current without putting the store on the hot path.
+
+Requests read `refresher.snapshot`, one attribute. A background loop replaces it:
+
+- at once when a change notification arrives on the Redis channel (the control plane
+  publishes after commit), and
+- whenever the periodic version check finds `max(audit_events.seq)` ahead of the snapshot,
+  which catches a notification lost to a Redis blip or published while unsubscribed.
+
+One loop does every reload, so a burst of notifications collapses into at most one reload in
+progress plus one queued. Loads run in a worker thread because they are blocking I/O. When
+Redis or the store is down the last snapshot keeps serving; `age()` says how long it has been
+since the snapshot was last known to be current, for metrics and health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import Gauge
+from sqlalchemy import Engine
+
+from gateway.snapshot import Snapshot, load_snapshot
+from tenancy import audit
+from tenancy.settings import Settings
+
+log = logging.getLogger("tollway.snapshot")
+
+RESUBSCRIBE_MAX_S = 5.0
+
+snapshot_age = Gauge(
+    "tollway_snapshot_age_seconds",
+    "Seconds since this process's control-plane snapshot was last confirmed current",
+)
+
+
+class SnapshotRefresher:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        redis_url: str | None = None,
+        on_swap: Callable[[Snapshot], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._check_s = settings.snapshot_check_s
+        self._channel = settings.change_channel
+        self._redis_url = redis_url
+        self._on_swap = on_swap
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._confirmed = -float("inf")
+        self._failing = False
+        self.snapshot: Snapshot
+        self.reloads = 0
+
+    async def start(self) -> None:
+        """Load the first snapshot (a failure here propagates: nothing to serve yet)."""
+        started = time.monotonic()
+        self.snapshot = await asyncio.to_thread(load_snapshot, self._engine)
+        self._confirmed = started
+        snapshot_age.set_function(self.age)
+        self._tasks.append(asyncio.create_task(self._run(), name="snapshot-refresh"))
+        if self._redis_url is not None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="snapshot-listen"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    def age(self) -> float:
+        return time.monotonic() - self._confirmed
+
+    def notify(self, seq: int | None = None) -> None:
+        """Ask for a reload, unless the snapshot already reflects audit sequence `seq`."""
+        if seq is None or seq > self.snapshot.version:
+            self._dirty.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self._check_s)
+            started = time.monotonic()
+            try:
+                if not self._dirty.is_set():
+                    seq = await asyncio.to_thread(self._latest_seq)
+                    if seq <= self.snapshot.version:
+                        self._confirmed = started
+                        self._recovered()
+                        continue
+                self._dirty.clear()
+                snapshot = await asyncio.to_thread(load_snapshot, self._engine)
+            except Exception as exc:  # the loop must outlive any store failure
+                if not self._failing:
+                    log.warning("snapshot refresh failing, serving version %d: %s",
+                                self.snapshot.version, exc)
+                self._failing = True
+                continue
+            self._confirmed = started
+            self._recovered()
+            self.reloads += 1
+            if snapshot.version >= self.snapshot.version:
+                self.snapshot = snapshot
+                if self._on_swap is not None:
+                    self._on_swap(snapshot)
+
+    def _latest_seq(self) -> int:
+        with self._engine.connect() as conn:
+            return audit.latest_seq(conn)
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.warning("snapshot refresh recovered at version %d", self.snapshot.version)
+            self._failing = False
+
+    async def _listen(self) -> None:
+        assert self._redis_url is not None
+        client = aioredis.Redis.from_url(self._redis_url)
+        backoff = 0.1
+        subscribed_before = False
+        try:
+            while True:
+                pubsub = client.pubsub()
+                try:
+                    await pubsub.subscribe(self._channel)
+                    if subscribed_before:  # changes published while we were away
+                        self.notify()
+                    subscribed_before, backoff = True, 0.1
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self.notify(_seq(message["data"]))
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("change channel unavailable, retrying in %.1fs: %s", backoff, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RESUBSCRIBE_MAX_S)
+                finally:
+                    with contextlib.suppress(redis.RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        finally:
+            await client.aclose()
+
+
+def _seq(data: bytes) -> int | None:
+    try:
+        seq = orjson.loads(data).get("seq")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) else None

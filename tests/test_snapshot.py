@@ -1,0 +1,221 @@
+"""The in-process snapshot and its refresher, on the real stores (SQLite, PostgreSQL, Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import create_engine, func, select, text, update
+from sqlalchemy.engine import make_url
+
+from gateway.snapshot import load_snapshot
+from gateway.snapshot_refresher import SnapshotRefresher
+from tenancy import keys, plans, tenants
+from tenancy.controlplane import ControlPlane
+from tenancy.keys import hash_secret
+from tenancy.store import open_engine
+from tenancy.tables import audit_events
+from tenancy.tables import tenants as tenants_table
+
+
+def onboard(cp: ControlPlane, name: str, **kw: Any) -> str:
+    plans.ensure_defaults(cp)
+    return str(tenants.create(cp, actor="test", name=name, email="ops@example.com", **kw)["id"])
+
+
+def set_tenant_settings(cp: ControlPlane, tenant_id: str, doc: dict[str, Any]) -> None:
+    """Gateway-facing tenant settings (jwks, routes, dunning) written as the control plane
+    writes: the row and its audit event in one transaction."""
+    with cp.transaction("test") as tx:
+        tx.conn.execute(
+            update(tenants_table).where(tenants_table.c.id == tenant_id).values(settings=doc)
+        )
+        tx.audit("tenant.settings_changed", tenant_id, tenant_id=tenant_id, after=doc)
+
+
+async def eventually(check: Callable[[], bool], within: float = 1.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not true within {within}s"
+        await asyncio.sleep(0.01)
+
+
+def test_load_builds_lookup_maps_on_both_backends(cp: ControlPlane) -> None:
+    acme = onboard(
+        cp, "Acme", subdomain="Acme", domains=["API.Acme.example"], timezone="Europe/Paris"
+    )
+    other = onboard(cp, "Other")
+    set_tenant_settings(cp, acme, {
+        "routes": [{"prefix": "/admin/", "scopes": ["admin:write", "admin:read"]}],
+        "dunning_days": 3,
+    })
+    _, live = keys.create(cp, acme, actor="test", scopes=["orders:read"])
+    revoked, dead = keys.create(cp, other, actor="test")
+    keys.revoke(cp, revoked["id"], actor="test")
+
+    snap = load_snapshot(cp.engine)
+
+    with cp.engine.connect() as conn:
+        assert snap.version == conn.execute(select(func.max(audit_events.c.seq))).scalar_one()
+    record = snap.tenants[acme]
+    assert snap.by_subdomain["acme"] is record
+    assert snap.by_domain["api.acme.example"] is record
+    assert record.tz.key == "Europe/Paris"
+    assert record.plan is not None and record.plan.plan_id == "starter"
+    assert record.plan is snap.plans[record.plan.plan_id, record.plan.version]
+    assert record.status == "trial" and record.trial_ends_ts is not None
+    assert record.trial_ends_ts > time.time()
+    assert record.dunning_days == 3
+    assert [(r.prefix, r.scopes) for r in record.routes] == [
+        ("/admin", ("admin:read", "admin:write"))
+    ]
+    assert snap.tenants[other].dunning_days == 7
+    assert snap.keys[hash_secret(live)].tenant_id == acme
+    assert snap.keys[hash_secret(live)].scopes == frozenset({"orders:read"})
+    assert hash_secret(dead) not in snap.keys
+
+
+def test_one_tenants_bad_settings_do_not_break_the_load(sqlite_cp: ControlPlane) -> None:
+    bad = onboard(sqlite_cp, "Bad")
+    good = onboard(sqlite_cp, "Good")
+    set_tenant_settings(sqlite_cp, bad, {
+        "routes": [{"prefix": "admin"}, "junk"], "dunning_days": "soon",
+        "jwks": {"keys": "nope"},
+    })
+    with sqlite_cp.transaction("test") as tx:
+        tx.conn.execute(
+            update(tenants_table).where(tenants_table.c.id == bad).values(timezone="Mars/Olympus")
+        )
+    snap = load_snapshot(sqlite_cp.engine)
+    record = snap.tenants[bad]
+    assert record.routes == () and record.dunning_days == 7 and record.jwks is None
+    assert record.tz.key == "UTC"
+    assert good in snap.tenants
+
+
+async def test_two_replicas_see_revocation_and_suspension_within_a_second(
+    cp: ControlPlane,
+) -> None:
+    acme = onboard(cp, "Acme")
+    created, secret = keys.create(cp, acme, actor="test")
+    settings = cp.settings
+    url = settings.effective_database_url
+    engines = [open_engine(url) for _ in range(2)]
+    replicas = [SnapshotRefresher(e, settings, settings.redis_url) for e in engines]
+    for replica in replicas:
+        await replica.start()
+    try:
+        assert all(hash_secret(secret) in r.snapshot.keys for r in replicas)
+        await asyncio.to_thread(keys.revoke, cp, created["id"], actor="test")
+        await eventually(lambda: all(hash_secret(secret) not in r.snapshot.keys for r in replicas))
+
+        await asyncio.to_thread(tenants.transition, cp, acme, "suspend", actor="test")
+        await eventually(
+            lambda: all(r.snapshot.tenants[acme].status == "suspended" for r in replicas)
+        )
+        assert all(r.age() < 1.0 for r in replicas)
+    finally:
+        for replica, engine in zip(replicas, engines, strict=True):
+            await replica.close()
+            engine.dispose()
+
+
+async def test_version_check_catches_changes_without_notifications(
+    sqlite_cp: ControlPlane,
+) -> None:
+    acme = onboard(sqlite_cp, "Acme")
+    _, secret = keys.create(sqlite_cp, acme, actor="test")
+    # No Redis at all for the replica, and the writer publishes nowhere it listens.
+    refresher = SnapshotRefresher(sqlite_cp.engine, sqlite_cp.settings, redis_url=None)
+    await refresher.start()
+    try:
+        key_id = refresher.snapshot.keys[hash_secret(secret)].id
+        await asyncio.to_thread(keys.revoke, sqlite_cp, key_id, actor="test")
+        await eventually(lambda: hash_secret(secret) not in refresher.snapshot.keys)
+    finally:
+        await refresher.close()
+
+
+async def test_redis_outage_falls_back_to_version_check(sqlite_cp: ControlPlane) -> None:
+    acme = onboard(sqlite_cp, "Acme")
+    _, secret = keys.create(sqlite_cp, acme, actor="test")
+    # Nothing listens on port 1 of loopback: the subscriber keeps failing and retrying.
+    refresher = SnapshotRefresher(sqlite_cp.engine, sqlite_cp.settings, "redis://127.0.0.1:1/0")
+    await refresher.start()
+    try:
+        key_id = refresher.snapshot.keys[hash_secret(secret)].id
+        await asyncio.to_thread(keys.revoke, sqlite_cp, key_id, actor="test")
+        await eventually(lambda: hash_secret(secret) not in refresher.snapshot.keys)
+    finally:
+        await refresher.close()
+
+
+async def test_a_burst_of_notifications_is_one_reload(sqlite_cp: ControlPlane) -> None:
+    onboard(sqlite_cp, "Acme")
+    refresher = SnapshotRefresher(sqlite_cp.engine, sqlite_cp.settings)
+    await refresher.start()
+    try:
+        version = refresher.snapshot.version
+        for _ in range(50):
+            refresher.notify(version + 1)
+        refresher.notify(version)  # already reflected: no reload asked
+        await eventually(lambda: refresher.reloads >= 1)
+        await asyncio.sleep(0.1)
+        assert refresher.reloads == 1
+    finally:
+        await refresher.close()
+
+
+async def test_store_outage_keeps_serving_the_last_snapshot(pg_url: str) -> None:
+    from tenancy.settings import load_settings
+    from tenancy.store import migrate
+
+    settings = load_settings(env={}, database_url=pg_url, snapshot_check_s=0.05)
+    migrate(open_engine(pg_url))
+    cp = ControlPlane.open(settings, with_redis=False)
+    engine = open_engine(pg_url)
+    refresher = SnapshotRefresher(engine, settings)
+    database = make_url(pg_url).database
+    admin = create_engine(pg_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        acme = onboard(cp, "Acme")
+        await refresher.start()
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"
+                ),
+                {"db": database},
+            )
+        await asyncio.sleep(0.5)
+        assert refresher.snapshot.tenants[acme].status == "trial"
+        assert refresher.age() >= 0.3
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+        await asyncio.to_thread(tenants.transition, cp, acme, "suspend", actor="test")
+        await eventually(lambda: refresher.snapshot.tenants[acme].status == "suspended", 3.0)
+        assert refresher.age() < 1.0
+    finally:
+        await refresher.close()
+        engine.dispose()
+        cp.close()
+        admin.dispose()
+
+
+async def test_a_garbled_notification_still_triggers_a_reload(
+    sqlite_cp: ControlPlane, redis_client: Any
+) -> None:
+    onboard(sqlite_cp, "Acme")
+    settings = sqlite_cp.settings
+    refresher = SnapshotRefresher(sqlite_cp.engine, settings, settings.redis_url)
+    await refresher.start()
+    try:
+        await eventually(lambda: redis_client.pubsub_numsub(settings.change_channel)[0][1] == 1)
+        redis_client.publish(settings.change_channel, b"not json")
+        await eventually(lambda: refresher.reloads == 1)
+    finally:
+        await refresher.close()

@@ -90,19 +90,19 @@ def transition(state: State, action: str, *, now: datetime, grace_days: int) -> 
         raise conflict(
             f"cannot {action} a tenant that is {state.status}; allowed from "
             f"{', '.join(sorted(rule.sources))}",
-            action=action, status=state.status,
+            action=action, tenant_status=state.status,
         )
     trial_ends_at, grace_ends_at = state.trial_ends_at, state.grace_ends_at
     if action == "expire_trial" and trial_ends_at is not None and now < trial_ends_at:
         raise conflict(
             f"the trial runs until {trial_ends_at.isoformat()}", action=action,
-            status=state.status,
+            tenant_status=state.status,
         )
     if action == "delete" and (grace_ends_at is None or now < grace_ends_at):
         until = grace_ends_at.isoformat() if grace_ends_at else "unset"
         raise conflict(
             f"the deprovisioning grace period runs until {until}", action=action,
-            status=state.status,
+            tenant_status=state.status,
         )
     if action == "start_deprovisioning":
         grace_ends_at = now + timedelta(days=grace_days)

@@ -109,19 +109,25 @@ class Plan:
         )
 
 
+def is_http_url(value: object) -> bool:
+    if not isinstance(value, str) or len(value) > 2048:
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def check_upstream(value: object, field: str) -> str:
     """An absolute http(s) URL; shared with tenant overrides."""
-    if not isinstance(value, str) or len(value) > 2048:
-        raise invalid(f"{field} must be an http(s) URL of at most 2048 characters", field)
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not is_http_url(value):
         raise invalid(f"{field} must be an absolute http(s) URL, got {value!r}", field)
-    return value
+    return str(value)
 
 
 def load_document(source: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML plan file, chosen by its extension."""
     path = Path(source)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise invalid(f"plan file {path.name!r} must end in .toml, .yaml or .yml", "path")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -129,10 +135,8 @@ def load_document(source: str | Path) -> dict[str, Any]:
     try:
         if path.suffix == ".toml":
             doc: Any = tomllib.loads(raw.decode())
-        elif path.suffix in (".yaml", ".yml"):
-            doc = yaml.safe_load(raw)
         else:
-            raise invalid(f"plan file {path.name!r} must end in .toml, .yaml or .yml", "path")
+            doc = yaml.safe_load(raw)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise invalid(f"plan file {path.name!r} does not parse: {exc}", "path") from exc
     if not isinstance(doc, dict):
@@ -183,6 +187,11 @@ def _parse_plan(pid: str, spec: Any) -> dict[str, Any]:
             f"{where}.features",
         )
     upstream = spec.get("upstream")
+    if upstream is not None and not is_http_url(upstream):
+        raise invalid(
+            f"plan {pid!r}: upstream must be an absolute http(s) URL, got {upstream!r}",
+            f"{where}.upstream",
+        )
     return {
         "name": name.strip(),
         "price": _price(pid, where, spec.get("price")),
@@ -192,7 +201,7 @@ def _parse_plan(pid: str, spec: Any) -> dict[str, Any]:
         "limits": _limits(pid, where, spec),
         "quotas": _quotas(pid, where, spec.get("quotas", {})),
         "features": sorted(set(features)),
-        "upstream": None if upstream is None else check_upstream(upstream, f"{where}.upstream"),
+        "upstream": upstream,
     }
 
 

@@ -471,7 +471,7 @@ def transition(
             .values(**values)
         )
         if done.rowcount != 1:
-            raise conflict("the tenant changed concurrently; retry", status=state.status)
+            raise conflict("the tenant changed concurrently; retry", tenant_status=state.status)
         tx.audit(
             change.event, tenant_id, tenant_id=tenant_id, at=at,
             before={"status": state.status},

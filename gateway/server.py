@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 
 from gateway import bootstrap
 from gateway.app import build_admin_app, build_app
+from metering.clickhouse import is_chdb
 from tenancy.settings import Settings, load_settings
 
 log = logging.getLogger("tollway.server")
@@ -46,7 +47,7 @@ def prepare(settings: Settings, workers: int) -> Prepared:
         token = bootstrap.ensure_platform_token(cp)
     finally:
         cp.close()
-    embedded = bootstrap.is_chdb(settings)
+    embedded = is_chdb(settings)
     if embedded and workers != 1:
         log.warning("embedded analytics (chDB) allows one process: running 1 worker, not %d",
                     workers)
@@ -73,7 +74,7 @@ def _granian(
     level = LogLevels(log_level) if log_level in LogLevels.__members__ else LogLevels.info
     server: MPServer | MTServer = Granian(
         target, address=host, port=port, interface=Interfaces.ASGI, workers=workers,
-        factory=True, log_level=level, process_name="tollway",
+        factory=True, log_level=level,
     )
     return server
 

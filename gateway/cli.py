@@ -58,7 +58,7 @@ def _settings(ctx: typer.Context) -> Settings:
     try:
         return load_settings(config_file=config)
     except (ValueError, OSError) as exc:
-        cli_output.err.print(f"[bold red]configuration error:[/] {exc}", highlight=False)
+        cli_output.err().print(f"[bold red]configuration error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -143,7 +143,7 @@ def serve(
     else:
         cli_output.record("tollway serve", {k: v for k, v in summary.items() if k != "admin_token"})
         if prepared.new_token is not None:
-            cli_output.err.print(
+            cli_output.err().print(
                 "[bold yellow]WARNING: no platform admin token existed, so one was created. "
                 "It is shown ONCE and only its hash is stored; keep it now:[/]"
             )
@@ -177,8 +177,8 @@ def migrate(ctx: typer.Context, as_json: Json = False) -> None:
     if as_json:
         cli_output.emit_json(result)
     else:
-        cli_output.out.print(f"control plane ({found.control_plane}) at revision {revision}")
-        cli_output.out.print(
+        cli_output.out().print(f"control plane ({found.control_plane}) at revision {revision}")
+        cli_output.out().print(
             f"clickhouse ({found.analytics}): "
             + (f"applied {', '.join(applied)}" if applied else "up to date")
         )
@@ -279,7 +279,7 @@ def tenants_list(
         return
     cli_output.table(f"tenants ({len(items)})", TENANT_COLUMNS, items)
     if next_cursor:
-        cli_output.err.print(f"more: --cursor {next_cursor}", highlight=False)
+        cli_output.err().print(f"more: --cursor {next_cursor}", highlight=False)
 
 
 @tenants_app.command("show")
@@ -301,7 +301,7 @@ def _transition(ctx: typer.Context, tenant_id: str, action: str, reason: str | N
     if as_json:
         cli_output.emit_json(tenant)
     else:
-        cli_output.out.print(f"{tenant_id}: {tenant['status']}")
+        cli_output.out().print(f"{tenant_id}: {tenant['status']}")
 
 
 Reason = Annotated[str | None, typer.Option(help="Why (kept in the audit log).")]
@@ -351,7 +351,7 @@ def tenants_set_plan(
     if as_json:
         cli_output.emit_json(tenant)
     else:
-        cli_output.out.print(f"{tenant_id}: {tenant['plan_id']} v{tenant['plan_version']}")
+        cli_output.out().print(f"{tenant_id}: {tenant['plan_id']} v{tenant['plan_version']}")
 
 
 # keys
@@ -397,7 +397,7 @@ def keys_revoke(ctx: typer.Context, key_id: str, as_json: Json = False) -> None:
     if as_json:
         cli_output.emit_json(record)
     else:
-        cli_output.out.print(f"{key_id}: revoked at {record['revoked_at']}")
+        cli_output.out().print(f"{key_id}: revoked at {record['revoked_at']}")
 
 
 @keys_app.command("rotate")

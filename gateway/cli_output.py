@@ -20,8 +20,14 @@ from rich.table import Table
 
 from tenancy.problems import Problem
 
-out = Console()
-err = Console(stderr=True)
+
+def out() -> Console:
+    """A console per call, so the terminal width (COLUMNS) is read when printing."""
+    return Console()
+
+
+def err() -> Console:
+    return Console(stderr=True)
 
 
 def _default(value: Any) -> Any:
@@ -62,37 +68,37 @@ def _cell(value: Any) -> str:
 def table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
     view = Table(title=title, title_justify="left")
     for column in columns:
-        view.add_column(column)
+        view.add_column(column, overflow="fold")
     for row in rows:
         view.add_row(*(_cell(row.get(column)) for column in columns))
-    out.print(view)
+    out().print(view)
 
 
 def record(title: str, doc: Mapping[str, Any]) -> None:
     view = Table(title=title, title_justify="left", show_header=False)
     view.add_column("field", style="bold")
-    view.add_column("value")
+    view.add_column("value", overflow="fold")
     for key, value in doc.items():
         view.add_row(str(key), _cell(value))
-    out.print(view)
+    out().print(view)
 
 
 def problem(exc: Problem, *, as_json: bool) -> None:
     if as_json:
         emit_json(exc.body())
         return
-    err.print(f"[bold red]error:[/] {exc.detail}", highlight=False)
+    err().print(f"[bold red]error:[/] {exc.detail}", highlight=False)
     for item in exc.extra.get("errors", ()):
-        err.print(f"  [red]{item.get('field')}[/]: {item.get('message')}", highlight=False)
+        err().print(f"  [red]{item.get('field')}[/]: {item.get('message')}", highlight=False)
 
 
 def secret_notice(what: str, secret: str) -> None:
-    err.print(f"[bold yellow]{what}: shown once, it cannot be recovered.[/]")
+    err().print(f"[bold yellow]{what}: shown once, it cannot be recovered.[/]")
     line(secret)
 
 
 def progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err, transient=False,
+        TimeElapsedColumn(), console=err(), transient=False,
     )

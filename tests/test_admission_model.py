@@ -1,24 +1,32 @@
 """The admission script against a pure-Python model of GCRA, leases and quotas.
 
 Random sequences of clock advances, admits and releases run against the real script on the
-test's Redis database, with the clock supplied by the test; every decision must match the
+test's own redis-server, with the clock supplied by the test; every decision must match the
 model's. The script is given a fake clock a day ahead of real time so that its absolute key
-expiries never fire during a run.
+expiries never fire during a run. A private server (not the shared numbered databases) keeps
+a long run safe from any other test suite's FLUSHDB on this machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from gateway.admission import Admission, Policy
 
+# Each example uses fresh tenant ids, so sharing the module's server between them is harmless.
+FIXTURE_REUSE = HealthCheck.function_scoped_fixture
 MONTH_MS = 20_000  # a fake "month", so that sequences cross quota resets
 
 POLICY = Policy(
@@ -143,16 +151,41 @@ async def run(redis_url: str, ops: list[tuple[object, ...]], cache: int) -> None
         await admission.close()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=steps)
-def test_script_matches_model(redis_url: str, ops: list[tuple[object, ...]]) -> None:
-    asyncio.run(run(redis_url, ops, cache=0))
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    probe = redis.Redis(port=port, socket_connect_timeout=0.2)
+    for _ in range(100):
+        try:
+            probe.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    probe.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(5)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[FIXTURE_REUSE])
 @given(ops=steps)
-def test_deny_cache_never_changes_a_verdict(redis_url: str, ops: list[tuple[object, ...]]) -> None:
-    asyncio.run(run(redis_url, ops, cache=64))
+def test_script_matches_model(server_url: str, ops: list[tuple[object, ...]]) -> None:
+    asyncio.run(run(server_url, ops, cache=0))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[FIXTURE_REUSE])
+@given(ops=steps)
+def test_deny_cache_never_changes_a_verdict(
+    server_url: str, ops: list[tuple[object, ...]]
+) -> None:
+    asyncio.run(run(server_url, ops, cache=64))
 
 
 def test_model_sees_bursts_and_quota() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, func, insert, select, update
+from sqlalchemy import Connection, RowMapping, exists, func, insert, select, update
 
 from tenancy.controlplane import ControlPlane
 from tenancy.keys import (
@@ -28,7 +28,7 @@ from tenancy.keys import (
     now_utc,
     well_formed,
 )
-from tenancy.problems import conflict, invalid, not_found
+from tenancy.problems import Problem, conflict, invalid, not_found
 from tenancy.tables import admin_tokens, tenants
 
 log = logging.getLogger("tollway.admin_tokens")
@@ -64,9 +64,9 @@ def _record(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def _usable(now: datetime) -> Any:
-    return admin_tokens.c.revoked_at.is_(None) & (
-        admin_tokens.c.expires_at.is_(None) | (admin_tokens.c.expires_at > now)
+def _usable(now: datetime, table: Any = admin_tokens) -> Any:
+    return table.c.revoked_at.is_(None) & (
+        table.c.expires_at.is_(None) | (table.c.expires_at > now)
     )
 
 
@@ -126,13 +126,26 @@ def revoke(
         row = _fetch(tx.conn, token_id)
         if row["role"] == PLATFORM:
             _keep_one_platform_token(tx.conn, token_id, now)
+        # The guard repeats the last-token check in the write itself: on SQLite the reads
+        # ran before the write lock was taken, so only this statement sees a concurrent revoke.
+        others = admin_tokens.alias("others")
+        another = exists().where(
+            others.c.role == PLATFORM, others.c.id != token_id, _usable(now, others)
+        )
         revoked = tx.conn.execute(
             update(admin_tokens)
-            .where(admin_tokens.c.id == token_id, admin_tokens.c.revoked_at.is_(None))
+            .where(
+                admin_tokens.c.id == token_id,
+                admin_tokens.c.revoked_at.is_(None),
+                (admin_tokens.c.role != PLATFORM) | another,
+            )
             .values(revoked_at=now)
         )
         if revoked.rowcount == 0:
-            return _record(_fetch(tx.conn, token_id))
+            current = _record(_fetch(tx.conn, token_id))
+            if current["revoked_at"] is None:
+                raise _last_platform_token()
+            return current
         before = _record(row)
         after = {**before, "revoked_at": now}
         tx.audit(
@@ -141,6 +154,10 @@ def revoke(
         )
     log.info("admin token revoked", extra={"token_id": token_id})
     return after
+
+
+def _last_platform_token() -> Problem:
+    return conflict("this is the last platform token; create another before revoking it")
 
 
 def _fetch(conn: Connection, token_id: str) -> RowMapping:
@@ -160,7 +177,7 @@ def _keep_one_platform_token(conn: Connection, token_id: str, now: datetime) -> 
         .with_for_update()
     ).scalars().all()
     if list(usable) == [token_id]:
-        raise conflict("this is the last platform token; create another before revoking it")
+        raise _last_platform_token()
 
 
 def authenticate(

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, insert, select, update
+from sqlalchemy import Connection, RowMapping, exists, insert, select, update
 
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import conflict, invalid, not_found
@@ -265,9 +265,13 @@ def revoke(
     now = now or now_utc()
     with cp.transaction(actor) as tx:
         before = _record(_fetch(tx.conn, key_id, tenant_id, lock=True))
-        if before["revoked_at"] is not None:
-            return before
-        tx.conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=now))
+        revoked = tx.conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        if revoked.rowcount == 0:
+            return get(tx.conn, key_id)
         after = {**before, "revoked_at": now}
         tx.audit("key.revoked", key_id, tenant_id=before["tenant_id"], before=before, after=after)
     log.info("api key revoked", extra={"key_id": key_id, "tenant_id": before["tenant_id"]})
@@ -301,9 +305,21 @@ def rotate(
         old_expiry = now + overlap
         if before["expires_at"] is not None:
             old_expiry = min(old_expiry, before["expires_at"])
-        tx.conn.execute(
-            update(api_keys).where(api_keys.c.id == key_id).values(expires_at=old_expiry)
+        # The guard repeats the checks above in the write itself: on SQLite the reads ran
+        # before the write lock was taken, so only this statement sees a concurrent rotation.
+        successors = api_keys.alias("successors")
+        claimed = tx.conn.execute(
+            update(api_keys)
+            .where(
+                api_keys.c.id == key_id,
+                api_keys.c.revoked_at.is_(None),
+                api_keys.c.expires_at.is_(None) | (api_keys.c.expires_at > now),
+                ~exists().where(successors.c.rotated_from == key_id),
+            )
+            .values(expires_at=old_expiry)
         )
+        if claimed.rowcount == 0:
+            raise conflict(f"api key {key_id!r} was rotated or revoked meanwhile")
         record, secret = _insert(
             tx.conn, tenant_id=before["tenant_id"], name=before["name"], mode=before["mode"],
             scopes=before["scopes"], expires_at=None, now=now, rotated_from=key_id,

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -170,3 +173,30 @@ def test_tenant_tokens_can_always_be_revoked(sqlite_cp: ControlPlane) -> None:
     )
     admin_tokens.revoke(sqlite_cp, token["id"], actor="cli")
     assert authenticate(sqlite_cp, secret) is None
+
+
+def revoke_together(cp: ControlPlane, barrier: threading.Barrier, token_id: str) -> int:
+    barrier.wait()
+    try:
+        admin_tokens.revoke(cp, token_id, actor="cli")
+    except Problem as problem:
+        return problem.status
+    return 200
+
+
+def test_concurrent_revokes_never_remove_the_last_platform_token(cp: ControlPlane) -> None:
+    for _ in range(3):
+        first, _ = admin_tokens.create(cp, actor="cli", name="a", role="platform")
+        second, _ = admin_tokens.create(cp, actor="cli", name="b", role="platform")
+        with cp.engine.connect() as conn:
+            for token in admin_tokens.list_tokens(conn):
+                if token["id"] not in (first["id"], second["id"]) and token["revoked_at"] is None:
+                    admin_tokens.revoke(cp, token["id"], actor="cli")
+        barrier = threading.Barrier(2)
+        with ThreadPoolExecutor(2) as pool:
+            statuses = sorted(
+                pool.map(partial(revoke_together, cp, barrier), [first["id"], second["id"]])
+            )
+        assert statuses == [200, 409]
+        with cp.engine.connect() as conn:
+            assert admin_tokens.count_platform_tokens(conn) == 1

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -355,3 +359,43 @@ def test_no_secret_in_store_audit_notifications_or_logs(
             assert needle not in logged
             assert needle not in notified
 
+
+
+# concurrency: PostgreSQL row locks and, on SQLite, guards inside the writes decide
+
+
+def race(*calls: Callable[[], Any]) -> list[Any]:
+    """Run the calls at the same moment; each result is a value or the exception raised."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], Any]) -> Any:
+        barrier.wait()
+        try:
+            return call()
+        except Problem as problem:
+            return problem
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def test_concurrent_rotations_of_one_key_yield_one_successor(cp: ControlPlane) -> None:
+    tenant_id = make_tenant(cp)
+    for _ in range(5):
+        key_id = keys.create(cp, tenant_id, actor="test")[0]["id"]
+        results = race(*[partial(keys.rotate, cp, key_id, actor="test")] * 3)
+        assert sorted(isinstance(r, tuple) for r in results) == [False, False, True]
+        assert all(r.status == 409 for r in results if isinstance(r, Problem))
+        with cp.engine.connect() as conn:
+            successors = conn.execute(
+                select(func.count()).where(api_keys.c.rotated_from == key_id)
+            ).scalar_one()
+        assert successors == 1
+
+
+def test_concurrent_revokes_audit_once(cp: ControlPlane) -> None:
+    tenant_id = make_tenant(cp)
+    record, _ = keys.create(cp, tenant_id, actor="test")
+    results = race(*[lambda: keys.revoke(cp, record["id"], actor="test")] * 3)
+    assert len({r["revoked_at"] for r in results}) == 1
+    assert audit_types(cp.engine) == ["key.created", "key.revoked"]

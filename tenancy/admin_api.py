@@ -318,6 +318,26 @@ async def create_admin_token(request: Request) -> Response:
     return json_response({**record, "secret": secret}, 201)
 
 
+async def list_admin_tokens(request: Request) -> Response:
+    require_platform(principal_of(request))
+
+    def run() -> list[dict[str, Any]]:
+        with _cp(request).engine.connect() as conn:
+            return admin_tokens.list_tokens(conn)
+
+    return json_response({"items": await run_in_threadpool(run)})
+
+
+async def revoke_admin_token(request: Request) -> Response:
+    principal = principal_of(request)
+    require_platform(principal)
+    token_id = request.path_params["token_id"]
+    record = await run_in_threadpool(
+        lambda: admin_tokens.revoke(_cp(request), token_id, actor=actor_of(principal))
+    )
+    return json_response(record)
+
+
 # audit
 
 
@@ -378,6 +398,8 @@ ROUTES: list[BaseRoute] = [
     Route("/plans", apply_plans, methods=["POST"]),
     Route("/plans/{plan_id}", get_plan, methods=["GET"]),
     Route("/admin-tokens", create_admin_token, methods=["POST"]),
+    Route("/admin-tokens", list_admin_tokens, methods=["GET"]),
+    Route("/admin-tokens/{token_id}", revoke_admin_token, methods=["DELETE"]),
     Route("/audit", list_audit, methods=["GET"]),
 ]
 

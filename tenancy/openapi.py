@@ -183,6 +183,20 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}}},
     },
+    "AdminToken": {
+        **_open_object,
+        "properties": {
+            "id": _str, "name": _str, "role": _str, "tenant_id": {"type": ["string", "null"]},
+            "created_at": _when, "expires_at": {"type": ["string", "null"]},
+            "revoked_at": {"type": ["string", "null"]},
+        },
+    },
+    "AdminTokenList": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/AdminToken"}}
+        },
+    },
     "AdminTokenWithSecret": {
         **_open_object,
         "required": ["secret"],
@@ -346,6 +360,16 @@ def _paths() -> dict[str, Any]:
                 "Create an admin token; the secret is returned once",
                 ("201", "AdminTokenWithSecret"), body="AdminTokenCreate", platform_only=True,
                 errors={"404": "no such tenant"},
+            ),
+            "get": _op("List admin tokens (never secrets)", ("200", "AdminTokenList"),
+                       platform_only=True),
+        },
+        "/admin-tokens/{token_id}": {
+            "parameters": [_path_param("token_id")],
+            "delete": _op(
+                "Revoke an admin token", ("200", "AdminToken"), platform_only=True,
+                errors={"404": "no such admin token",
+                        "409": "the last usable platform token cannot be revoked"},
             ),
         },
         "/audit": {

@@ -203,7 +203,15 @@ async def test_admin_tokens_and_tenant_scope(client: httpx.AsyncClient) -> None:
     _problem(await client.patch(f"/tenants/{tid}", json={"name": "renamed"}, headers=headers), 403)
     events = (await client.get("/audit", headers=headers)).json()["items"]
     assert events and {e["tenant_id"] for e in events} == {tid}
-    _problem(await client.post("/admin-tokens", json={"name": "x", "role": "tenant"}), 422)
+    _problem(await client.post("/admin-tokens", json={"name": "xyz", "role": "tenant"}), 422)
+    listed = (await client.get("/admin-tokens")).json()["items"]
+    assert {t["name"] for t in listed} == {"root", "ops"}
+    revoked = await client.delete(f"/admin-tokens/{made.json()['id']}")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    _problem(await client.get(f"/tenants/{tid}", headers=headers), 401)
+    root = next(t for t in listed if t["name"] == "root")
+    _problem(await client.delete(f"/admin-tokens/{root['id']}"), 409)
+    _problem(await client.delete("/admin-tokens/adm_missing"), 404)
 
 
 async def test_unauthenticated_is_refused(client: httpx.AsyncClient) -> None:

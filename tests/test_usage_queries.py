@@ -16,6 +16,7 @@ from metering.export import export_usage
 from metering.ingest import insert_events
 from metering.meters import load_meters, parse
 from metering.schema import RAW_TABLE
+from metering.usage import zone as usage_zone
 from metering.usage import (
     compare,
     month_bounds,
@@ -176,3 +177,122 @@ def test_export_csv_and_parquet(loaded, tmp_path: Path) -> None:
     back = loaded.query("SELECT count(), sum(events) FROM file({p:String}, Parquet)",
                         parameters={"p": str(path)}).result_rows
     assert back[0] == (len(rows), sum(int(r["events"]) for r in rows))
+
+
+# --- the admin routes ---------------------------------------------------------------------
+
+@pytest.fixture
+async def api(ch, sqlite_cp):
+    import httpx
+    from sqlalchemy import insert
+    from starlette.applications import Starlette
+
+    from metering.usage_api import usage_routes
+    from tenancy import plans
+    from tenancy.admin_tokens import AdminPrincipal
+    from tenancy.tables import tenants
+
+    plans.ensure_defaults(sqlite_cp)
+    now = datetime.now(UTC)
+    with sqlite_cp.engine.begin() as conn:
+        starter = plans.load(conn, "starter")
+        for tid in ("t1", "t2"):
+            conn.execute(insert(tenants).values(
+                id=tid, name=tid, email=f"{tid}@example.com", plan_id="starter",
+                plan_version=starter.version, status="active", region="us-east-1",
+                locale="en", timezone="America/New_York", currency="USD", metadata={},
+                settings={}, status_changed_at=now, created_at=now, updated_at=now,
+            ))
+    app = Starlette(routes=usage_routes(sqlite_cp))
+
+    async def as_principal(scope, receive, send):
+        headers = dict(scope["headers"])
+        role = headers.get(b"x-role", b"platform").decode()
+        tenant = headers.get(b"x-tenant", b"").decode() or None
+        scope.setdefault("state", {})["principal"] = AdminPrincipal("tok", role, tenant, "test")
+        await app(scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=as_principal),
+                                 base_url="http://admin") as client:
+        yield client
+
+
+async def test_api_usage_quota_report(api, ch) -> None:
+    now = datetime.now(UTC)
+    start, _ = month_bounds(now, "America/New_York")
+    at = max(start + timedelta(minutes=1), now - timedelta(minutes=5))
+    insert_events(ch, [_ev(at, subject=f"k{i}") for i in range(2500)], "gateway", "month")
+    insert_events(ch, [_ev(at, "tokens", "7", dims={"model": "m1"})], "api", "tok")
+    resp = await api.get("/tenants/t1/quota")
+    assert resp.status_code == 200
+    quotas = {q["meter"]: q for q in resp.json()["quotas"]}
+    assert quotas["api_calls"]["used"] == "2500" and quotas["api_calls"]["limit"] == 10_000
+    assert quotas["api_calls"]["percent"] == "25"
+    assert quotas["api_calls"]["resets_at"] == resp.json()["to"]
+    resp = await api.get("/tenants/t1/usage", params={"meter": "tokens", "window": "month",
+                                                      "group_by": "model"})
+    body = resp.json()
+    assert body["tz"] == "America/New_York"
+    local_start = start.astimezone(usage_zone("America/New_York")).isoformat()
+    assert body["series"][0]["rows"] == [
+        {"period_start": local_start, "dims": {"model": "m1"}, "value": "7"}
+    ]
+    resp = await api.get("/tenants/t1/report")
+    lines = {ln["meter"]: ln for ln in resp.json()["lines"]}
+    assert lines["api_calls"]["current"] == "2500" and lines["api_calls"]["previous"] == "0"
+    assert lines["active_users"]["current"] == "2500"
+    assert lines["api_calls"]["change_percent"] is None
+    other = await api.get("/tenants/t2/quota")
+    assert {q["meter"]: q["used"] for q in other.json()["quotas"]}["api_calls"] == "0"
+
+
+async def test_api_enforces_the_path_tenant_and_validates(api) -> None:
+    own = await api.get("/tenants/t1/quota", headers={"x-role": "tenant", "x-tenant": "t1"})
+    assert own.status_code == 200
+    other = await api.get("/tenants/t2/quota", headers={"x-role": "tenant", "x-tenant": "t1"})
+    assert other.status_code == 404
+    assert other.headers["content-type"] == "application/problem+json"
+    assert (await api.get("/tenants/nope/quota")).status_code == 404
+    for params in ({"window": "week"}, {"meter": "nope"}, {"tz": "Mars/Base"},
+                   {"from": "2026-02-01", "to": "2026-01-01"}, {"from": "yesterday"},
+                   {"meter": "tokens", "group_by": "route"}):
+        resp = await api.get("/tenants/t1/usage", params=params)
+        assert resp.status_code == 422, params
+        assert resp.headers["content-type"] == "application/problem+json"
+    assert (await api.get("/tenants/t1/export", params={"format": "xml"})).status_code == 422
+
+
+async def test_api_export(api, ch) -> None:
+    at = datetime.now(UTC) - timedelta(hours=1)
+    insert_events(ch, [_ev(at), _ev(at)], "gateway", "exp")
+    day = at.date()
+    params = {"from": (day - timedelta(days=1)).isoformat(),
+              "to": (day + timedelta(days=2)).isoformat(), "tz": "UTC"}
+    csv_resp = await api.get("/tenants/t1/export", params={**params, "format": "csv"})
+    assert csv_resp.status_code == 200
+    assert csv_resp.headers["content-type"].startswith("text/csv")
+    assert "attachment" in csv_resp.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(csv_resp.text)))
+    assert [(r["meter"], r["events"]) for r in rows] == [("api_calls", "2")]
+    pq = await api.get("/tenants/t1/export", params={**params, "format": "parquet"})
+    assert pq.content[:4] == b"PAR1"
+
+
+async def test_api_analytics(api, ch) -> None:
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    spike = now - timedelta(hours=30)
+    events = []
+    for h in range(1, 24 * 9):
+        at = now - timedelta(hours=h)
+        events += [_ev(at + timedelta(minutes=m)) for m in range(60 if at == spike else 3)]
+    insert_events(ch, events, "gateway", "hours")
+    resp = await api.get("/tenants/t1/analytics", params={"meter": "api_calls"})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert [a["at"] for a in body["anomalies"]] == [spike.isoformat()]
+    assert len(body["forecast"]["hourly"]) == 168
+    assert body["forecast"]["total_7d"] > 0
+    assert body["plan_fit"]["action"] in {"keep", "upgrade", "downgrade"}
+    assert "api_calls" in body["plan_fit"]["utilization"]
+    bad = await api.get("/tenants/t1/analytics", params={"threshold": "0"})
+    assert bad.status_code == 422

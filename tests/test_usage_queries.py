@@ -16,7 +16,6 @@ from metering.export import export_usage
 from metering.ingest import insert_events
 from metering.meters import load_meters, parse
 from metering.schema import RAW_TABLE
-from metering.usage import zone as usage_zone
 from metering.usage import (
     compare,
     month_bounds,
@@ -27,6 +26,7 @@ from metering.usage import (
     totals,
     usage,
 )
+from metering.usage import zone as usage_zone
 from tenancy.problems import Problem
 from tenancy.settings import Settings
 

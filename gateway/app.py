@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from gateway import bootstrap
 from gateway.health import ReadyCheck, healthz, readyz, redis_check, store_check
 from gateway.metrics_endpoint import metrics
+from metering.usage_api import usage_routes
 from tenancy import admin_api
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
@@ -65,8 +66,9 @@ def _app(
     return app
 
 
-def _admin_mount(plane: ControlPlane) -> Mount:
-    return Mount(admin_api.PREFIX, app=admin_api.build(plane))
+def _admin_mount(plane: ControlPlane, *, usage: bool = True) -> Mount:
+    extra = usage_routes(plane) if usage else []
+    return Mount(admin_api.PREFIX, app=admin_api.build(plane, extra))
 
 
 def build_app(
@@ -81,7 +83,11 @@ def build_app(
     return _app(settings, plane, routes, jobs=jobs, owned=cp is None)
 
 
-def build_admin_app(settings: Settings, cp: ControlPlane | None = None) -> Starlette:
-    """The separate admin listener: probes, metrics and /admin/v1 only."""
+def build_admin_app(
+    settings: Settings, cp: ControlPlane | None = None, *, usage: bool = True
+) -> Starlette:
+    """The separate admin listener: probes, metrics and /admin/v1 only. `usage=False` leaves
+    out the usage routes, for a listener process that may not open embedded chDB."""
     plane = cp or ControlPlane.open(settings)
-    return _app(settings, plane, [_admin_mount(plane)], jobs=False, owned=cp is None)
+    return _app(settings, plane, [_admin_mount(plane, usage=usage)], jobs=False,
+                owned=cp is None)

@@ -64,8 +64,10 @@ def worker_app() -> Starlette:
 
 
 def admin_worker_app() -> Starlette:
-    """granian's factory target for the separate admin listener."""
-    return build_admin_app(load_settings())
+    """granian's factory target for the separate admin listener. Embedded chDB belongs to
+    the main worker, so this process serves usage only from a ClickHouse server."""
+    settings = load_settings()
+    return build_admin_app(settings, usage=not is_chdb(settings))
 
 
 def _granian(

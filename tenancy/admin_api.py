@@ -10,7 +10,7 @@ Starlette so that the server logs the traceback (never the client).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -429,10 +429,11 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 }
 
 
-def build(cp: ControlPlane) -> Starlette:
-    """The admin API as an ASGI app, to be mounted at PREFIX."""
+def build(cp: ControlPlane, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The admin API as an ASGI app, to be mounted at PREFIX. `extra_routes` are other
+    packages' admin routes (usage), composed by the gateway; they sit behind the same auth."""
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, *extra_routes],
         middleware=[Middleware(AdminAuthMiddleware, cp=cp)],
         exception_handlers=EXCEPTION_HANDLERS,
     )

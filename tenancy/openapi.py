@@ -396,6 +396,7 @@ def _paths() -> dict[str, Any]:
                 errors={**_NOT_FOUND, "409": f"{action} is not allowed from the current status"},
             ),
         }
+    paths.update(_usage_paths())
     paths["/openapi.json"] = {
         "get": {
             "summary": "This document (no authentication needed)",
@@ -406,10 +407,54 @@ def _paths() -> dict[str, Any]:
     return paths
 
 
+def _usage_paths() -> dict[str, Any]:
+    """The usage routes (metering.usage_api), mounted into the admin API by the gateway."""
+    period = _query("from", _str, "ISO date or timestamp with offset (default: month start)")
+    until = _query("to", _str, "ISO date or timestamp with offset, exclusive (default: month end)")
+    tz = _query("tz", _str, "IANA timezone (default: the tenant's)")
+    errors = {**_NOT_FOUND, "422": "invalid query parameter"}
+    usage_ops = {
+        "usage": _op("Usage series per meter", ("200", "UsageSeries"), errors=errors, params=[
+            period, until, tz,
+            _query("window", {"type": "string", "enum": ["minute", "hour", "day", "month"]},
+                   "bucket size"),
+            _query("meter", _str, "meter name (repeatable; default all)"),
+            _query("group_by", _str, "comma-separated dims"),
+        ]),
+        "quota": _op("This month's quota use against the plan", ("200", "UsageDocument"),
+                     errors=errors),
+        "report": _op("Monthly totals compared with the previous month",
+                      ("200", "UsageDocument"), errors=errors,
+                      params=[_query("period", _str, "YYYY-MM (default: this month)")]),
+        "export": _op("Raw usage events as a file", ("200", None), errors=errors, params=[
+            period, until, tz,
+            _query("format", {"type": "string", "enum": ["csv", "parquet"]}, "file format"),
+        ]),
+        "analytics": _op("Anomalies, 7-day forecast and plan-fit advice", ("200", "UsageDocument"),
+                         errors=errors, params=[
+                             _query("meter", _str, "meter (default api_calls)"),
+                             _query("threshold", {"type": "number"}, "z-score, 0.5 to 10"),
+                             _query("baseline_hours", {"type": "integer"}, "24 to 672"),
+                         ]),
+    }
+    return {
+        f"/tenants/{{tenant_id}}/{name}": {"parameters": [_TENANT], "get": op}
+        for name, op in usage_ops.items()
+    }
+
+
 def document() -> dict[str, Any]:
     schemas = {
         **REQUEST_SCHEMAS,
         **RESPONSE_SCHEMAS,
+        "UsageDocument": {**_open_object, "properties": {"tenant_id": _str}},
+        "UsageSeries": {
+            **_open_object,
+            "properties": {
+                "tenant_id": _str, "from": _when, "to": _when, "window": _str, "tz": _str,
+                "series": {"type": "array", "items": _open_object},
+            },
+        },
         "PlansDocument": {
             "type": "object",
             "description": "a plans file: {plans: [...]} or a single plan; see docs/plans.md",

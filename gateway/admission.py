@@ -211,12 +211,26 @@ class Decision:
         return -1
 
 
+_months: dict[ZoneInfo, tuple[int, int, str]] = {}
+
+
 def month_window(zone: ZoneInfo, now_ms: int) -> tuple[str, int]:
-    """The quota month containing `now_ms` in `zone`, and the epoch ms at which it ends."""
+    """The quota month containing `now_ms` in `zone`, and the epoch ms at which it ends.
+
+    Called per request, so the current month of each zone is remembered until it ends.
+    """
+    known = _months.get(zone)
+    if known is not None and known[0] <= now_ms < known[1]:
+        return known[2], known[1]
     local = datetime.fromtimestamp(now_ms / 1000, zone)
     year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
-    reset = datetime(year, month, 1, tzinfo=zone)
-    return f"{local.year:04d}-{local.month:02d}", int(reset.timestamp() * 1000)
+    start = int(datetime(local.year, local.month, 1, tzinfo=zone).timestamp() * 1000)
+    reset = int(datetime(year, month, 1, tzinfo=zone).timestamp() * 1000)
+    name = f"{local.year:04d}-{local.month:02d}"
+    if len(_months) >= 1024:  # there are ~600 zones; this only guards against odd ZoneInfo use
+        _months.clear()
+    _months[zone] = (start, reset, name)
+    return name, reset
 
 
 class Admission:

@@ -210,6 +210,12 @@ async def test_month_window_in_utc_and_december() -> None:
     month, reset = month_window(ZoneInfo("UTC"), new_years_eve)
     assert month == "2026-12"
     assert reset == int(datetime(2027, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    # The per-zone memo must not answer for a time outside the month it remembers.
+    december_1 = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp() * 1000)
+    for _ in range(2):
+        assert month_window(ZoneInfo("UTC"), december_1 - 1)[0] == "2026-11"
+        assert month_window(ZoneInfo("UTC"), december_1) == ("2026-12", reset)
+        assert month_window(ZoneInfo("UTC"), reset)[0] == "2027-01"
 
 
 async def test_recovers_from_script_cache_flush(server: Server) -> None:

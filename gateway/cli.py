@@ -228,6 +228,49 @@ def demo(ctx: typer.Context, as_json: Json = False) -> None:
                          ("tenant_id", "name", "plan", "status", "secret"), rows)
 
 
+@app.command("usage")
+def usage_cmd(
+    ctx: typer.Context,
+    tenant_id: str,
+    period: Annotated[str | None, typer.Option(help="YYYY-MM (default: this month).")] = None,
+    as_json: Json = False,
+) -> None:
+    """A tenant's usage per meter for a calendar month (its timezone), against its quotas."""
+    from metering import clickhouse, usage
+    from metering.meters import load_meters
+    from metering.migrations import migrate as migrate_clickhouse
+
+    with _control_plane(ctx, as_json) as cp:
+        with cp.engine.connect() as conn:
+            tenant = tenants.get(conn, tenant_id)
+            plan = plans.load(conn, tenant["plan_id"], tenant["plan_version"])
+        try:
+            month = (datetime.strptime(period, "%Y-%m") if period else datetime.now()).replace(
+                day=15, tzinfo=usage.zone(tenant["timezone"]))
+        except ValueError:
+            raise typer.BadParameter("use YYYY-MM", param_hint="--period") from None
+        start, end = usage.month_bounds(month, tenant["timezone"])
+        meters = load_meters(cp.settings)
+        try:
+            client = clickhouse.connect(cp.settings)
+            migrate_clickhouse(client, cp.settings)
+            used = usage.totals(client, meters.values(), tenant_id, start, end)
+        finally:
+            clickhouse.close()
+    quotas = usage.quota_summary(used, plan.quotas, end)
+    if as_json:
+        cli_output.emit_json({"tenant_id": tenant_id, "plan": plan.plan_id, "from": start,
+                              "to": end, "totals": used, "quotas": quotas})
+        return
+    limits = {line.meter: line for line in quotas}
+    rows = [{"meter": name, "used": amount,
+             "quota": limits[name].limit if name in limits else None,
+             "percent": limits[name].percent if name in limits else None}
+            for name, amount in sorted(used.items())]
+    cli_output.table(f"usage of {tenant_id}, {start:%Y-%m-%d} to {end:%Y-%m-%d} (UTC)",
+                     ("meter", "used", "quota", "percent"), rows)
+
+
 # tenants
 
 

@@ -32,7 +32,7 @@ def err() -> Console:
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f") if value.is_finite() else str(value)
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     if isinstance(value, (set, frozenset, tuple)):
@@ -60,6 +60,8 @@ def line(text: str) -> None:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Decimal):
+        return str(_default(value))
     if isinstance(value, (dict, list, tuple)):
         return to_json(value).decode().replace("\n", "").replace("  ", "")
     return str(value)

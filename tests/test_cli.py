@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,13 @@ def test_migrate_and_demo(run: Any) -> None:
     assert {t["plan"] for t in demo} == {"starter", "professional", "enterprise"}
     assert all(t["secret"].startswith("tw_live_") for t in demo)
     assert len(_json(run("tenants", "list", "--json"))["items"]) == 3
+
+    starter = next(t for t in demo if t["plan"] == "starter")["tenant_id"]
+    report = _json(run("usage", starter, "--json"))
+    assert report["plan"] == "starter" and Decimal(report["totals"]["api_calls"]) == 0
+    assert {q["meter"]: q["limit"] for q in report["quotas"]}["api_calls"] == 10_000
+    assert "api_calls" in run("usage", starter, "--period", "2026-01").stdout
+    run("usage", starter, "--period", "January", code=2)
 
 
 def test_errors_and_exit_codes(run: Any) -> None:

@@ -276,7 +276,7 @@ async def test_unreachable_fail_closed_refuses_with_503() -> None:
 
 
 async def test_breaker_skips_redis_while_open_and_closes_after_a_good_probe(server: Server) -> None:
-    adm = Admission(client_for(server.url, 0.2), timeout_ms=200, breaker=Breaker(2, 0.3))
+    adm = Admission(client_for(server.url, 0.5), timeout_ms=500, breaker=Breaker(2, 0.3))
     policy = Policy(tenant_rate_per_s=1000, tenant_burst=1000, fail_mode="closed")
 
     async def admit() -> Decision:
@@ -324,13 +324,15 @@ async def test_server_killed_mid_traffic_holds_the_policy(server: Server) -> Non
         traffic = asyncio.gather(*(worker(40) for _ in range(8)))
         await asyncio.sleep(0.01)
         server.stop()
+        stopped = time.monotonic()
         results = await asyncio.wait_for(traffic, 10)
+        elapsed = time.monotonic() - stopped
     finally:
         await adm.close()
     degraded = [d for batch in results for d in batch if d.degraded]
     assert degraded, "the server died mid-test, so some decisions were made without it"
-    # Without Redis this node admits at most its local burst (20) plus refill over the test.
-    assert sum(d.allowed for d in degraded) <= 40
+    # Without Redis this node admits at most its local burst (20) plus the refill since.
+    assert sum(d.allowed for d in degraded) <= 20 + 20 * elapsed + 1
     assert any(not d.allowed and d.violated == "local-rate" for d in degraded)
 
 

@@ -47,6 +47,7 @@ CLIENT_CLOSED = 499  # nginx's convention: the client went away before the respo
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _PROBLEM_TYPE = PROBLEM_JSON.encode()
 _WATCH_AFTER_BYTES = 1 << 20
+_SMALL_BODY_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -304,6 +305,15 @@ async def _stream_body(
     slow, which is the backpressure; but some servers (granian) silently swallow sends once
     the client is gone, so past the first megabyte a watcher on `receive` notices the
     disconnect and stops the copy. Small responses never pay for the watcher task."""
+    length = resp.content_length
+    if length is not None and length <= _SMALL_BODY_BYTES:
+        # Bounded by the upstream's own Content-Length: one read and one send instead of a
+        # chunk loop, the common case for API responses.
+        body = await resp.read()
+        upload.sent += len(body)
+        await _send(send, upload, {"type": "http.response.body", "body": body,
+                                   "more_body": False})
+        return
     watch: asyncio.Future[Message] | None = None
     try:
         async for chunk in resp.content.iter_any():

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from decimal import Decimal
 from pathlib import Path
@@ -358,3 +362,118 @@ async def test_problem_bodies_are_json(harness: Harness) -> None:
     http, _ = harness(max_header_bytes=100)
     r = await http.get("/x", headers={"X-Pad": "p" * 200})
     assert orjson.loads(r.content)["detail"] == "request headers exceed 100 bytes"
+
+
+# --- through a real granian server: what a client on a socket observes ---
+
+
+def served_app() -> Any:
+    """granian --factory entry point: the bare proxy in front of $TOLLWAY_UPSTREAM."""
+    settings = load_settings()
+    proxy = Proxy(settings)
+    upstream = settings.upstream or ""
+
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await proxy.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await proxy.forward(scope, receive, send, upstream=upstream,
+                            path=scope["raw_path"].decode("latin-1"),
+                            query=scope["query_string"], headers=scope["headers"])
+
+    return app
+
+
+class StreamingUpstream:
+    """Serves an endless body, or a body cut short, and records how the streams ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+        app = web.Application()
+        app.router.add_get("/endless", self.endless)
+        app.router.add_get("/cut", self.cut)
+        app.router.add_route("HEAD", "/head", self.head)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(1 << 40)})
+        await resp.prepare(request)
+        try:
+            for _ in range((1 << 40) // len(PAYLOAD)):
+                await resp.write(PAYLOAD)
+        except (ConnectionError, asyncio.CancelledError):
+            self.ended.append("client went away")
+            raise
+        return resp
+
+    async def cut(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(10 * len(PAYLOAD))})
+        await resp.prepare(request)
+        await resp.write(PAYLOAD * 2)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def head(self, request: web.Request) -> web.Response:
+        return web.Response(headers={"Content-Length": str(5 << 20), "X-Head": "1"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_through_granian_truncation_disconnect_and_head(tmp_path: Path) -> None:
+    origin = StreamingUpstream()
+    await origin.runner.setup()
+    site = web.TCPSite(origin.runner, "127.0.0.1", 0)
+    await site.start()
+    origin_port = origin.runner.addresses[0][1]
+    port = free_port()
+    granian = Path(sys.executable).parent / "granian"
+    proc = subprocess.Popen(
+        [str(granian), "--interface", "asgi", "--factory", "--no-ws", "--workers", "1",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+         "tests.test_proxy:served_app"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "TOLLWAY_UPSTREAM": f"http://127.0.0.1:{origin_port}",
+             "TOLLWAY_DATA_DIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(100):
+                try:
+                    await http.head("/head")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+
+            r = await http.head("/head")
+            assert r.status_code == 200 and r.headers["x-head"] == "1" and r.content == b""
+
+            # An upstream dying mid-body must not look like a complete response.
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.get("/cut")
+
+            # A client leaving a huge download stops the upstream transfer too.
+            async with http.stream("GET", "/endless") as resp:
+                got = 0
+                async for chunk in resp.aiter_raw():
+                    got += len(chunk)
+                    if got > 4 * len(PAYLOAD):
+                        break
+            for _ in range(100):
+                if origin.ended:
+                    break
+                await asyncio.sleep(0.05)
+            assert origin.ended == ["client went away"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        await origin.runner.cleanup()

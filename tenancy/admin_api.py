@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -370,7 +370,11 @@ async def list_audit(request: Request) -> Response:
 
     def run() -> list[dict[str, Any]]:
         with _cp(request).engine.connect() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
+            rows = [dict(row) for row in conn.execute(query).mappings()]
+        for row in rows:  # SQLite hands back naive datetimes; they are UTC
+            if row["at"].tzinfo is None:
+                row["at"] = row["at"].replace(tzinfo=UTC)
+        return rows
 
     rows = await run_in_threadpool(run)
     next_cursor = str(rows[limit - 1]["seq"]) if len(rows) > limit else None

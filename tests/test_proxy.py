@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from decimal import Decimal
 from pathlib import Path
@@ -20,9 +21,11 @@ import pytest
 from aiohttp import web
 
 from gateway.proxy import Proxy, ProxyResult
+from gateway.tenant_signature import HEADER, TenantSigner
 from tenancy.settings import Settings, load_settings
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, not compressible into a false pass
+SIGNER = TenantSigner([b"s" * 32])
 
 
 class Upstream:
@@ -138,7 +141,7 @@ async def harness(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Harness]:
                 path=scope["raw_path"].decode("latin-1"),
                 query=scope["query_string"],
                 headers=scope["headers"],
-                upstream_headers=[("X-Tollway-Tenant", "t=signed")],
+                upstream_headers=[(HEADER, SIGNER.sign("ten_1", "key_1", time.time()))],
                 extra_response_headers=[(b"ratelimit", b"limit=10")],
             )
             results.append(result)
@@ -174,7 +177,9 @@ async def test_get_passes_path_query_and_status(harness: Harness) -> None:
     assert body["method"] == "GET"
     sent = sent_headers(r)
     assert sent["x-custom"] == ["v"]
-    assert sent["x-tollway-tenant"] == ["t=signed"]
+    [signed] = sent["x-tollway-tenant"]
+    claims = SIGNER.verify(signed, max_age_s=5, now=time.time())
+    assert claims is not None and (claims.tenant_id, claims.key_id) == ("ten_1", "key_1")
     assert "user-agent" in sent  # the client's own, not one invented by aiohttp
     assert sent["user-agent"][0].startswith("python-httpx")
     assert r.headers["ratelimit"] == "limit=10"
@@ -246,7 +251,8 @@ async def test_request_header_rules_end_to_end(harness: Harness) -> None:
     sent = sent_headers(r)
     for name in ("x-drop-me", "keep-alive", "x-tenant-id", "x-api-key"):
         assert name not in sent
-    assert sent["x-tollway-tenant"] == ["t=signed"]
+    [signed] = sent["x-tollway-tenant"]
+    assert SIGNER.verify(signed, max_age_s=5, now=time.time()) is not None
     assert sent["x-forwarded-for"] == ["192.0.2.7"]
     assert sent["forwarded"] == ["for=192.0.2.7;proto=http;host=tenant.example.com"]
     assert sent["x-forwarded-host"] == ["tenant.example.com"]

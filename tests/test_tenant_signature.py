@@ -24,16 +24,16 @@ NOW = 1_780_000_000.4
 def test_round_trip_and_format() -> None:
     signer = TenantSigner([OLD])
     value = signer.sign("ten_123", "key_abc", NOW)
-    assert value.startswith(f"t=ten_123,k=key_abc,ts=1780000000,kid={key_id_of(OLD)},sig=".encode())
+    assert value.startswith(f"t=ten_123,k=key_abc,ts=1780000000,kid={key_id_of(OLD)},sig=")
     claims = signer.verify(value, max_age_s=60, now=NOW + 30)
     assert claims is not None
     assert (claims.tenant_id, claims.key_id, claims.issued_at) == ("ten_123", "key_abc", 1780000000)
-    assert signer.verify(value.decode(), max_age_s=60, now=NOW) == claims
+    assert signer.verify(value.encode(), max_age_s=60, now=NOW) == claims
 
 
 def test_independent_verification_as_documented() -> None:
     """What docs/proxy.md tells upstream authors to do, with only the standard library."""
-    value = TenantSigner([OLD]).sign("ten_1", "key_1", NOW).decode()
+    value = TenantSigner([OLD]).sign("ten_1", "key_1", NOW)
     signed, _, sig = value.rpartition(",sig=")
     expected = base64.urlsafe_b64encode(
         hmac.new(OLD, signed.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
@@ -46,7 +46,7 @@ def test_rotation_first_signs_all_verify() -> None:
     old_value = TenantSigner([OLD]).sign("t1", "k1", NOW)
     rotated = TenantSigner([NEW, OLD])
     new_value = rotated.sign("t1", "k1", NOW)
-    assert f"kid={key_id_of(NEW)}".encode() in new_value
+    assert f"kid={key_id_of(NEW)}" in new_value
     assert rotated.verify(old_value, 60, NOW) is not None
     assert rotated.verify(new_value, 60, NOW) is not None
     retired = TenantSigner([NEW])
@@ -58,15 +58,15 @@ def test_tampering_is_rejected() -> None:
     signer = TenantSigner([OLD])
     value = signer.sign("ten_1", "key_1", NOW)
     forgeries = [
-        value.replace(b"t=ten_1", b"t=ten_2"),
-        value.replace(b"k=key_1", b"k=key_2"),
-        value.replace(b"ts=1780000000", b"ts=1780000001"),
-        value[:-2] + (b"AA" if value[-2:] != b"AA" else b"BB"),
-        value.replace(b",sig=", b",sag="),
-        b"t=ten_1,t=ten_2," + value,
-        value.replace(b"kid=" + key_id_of(OLD).encode(), b"kid=00000000"),
-        b"x" * 2000,
-        b"",
+        value.replace("t=ten_1", "t=ten_2"),
+        value.replace("k=key_1", "k=key_2"),
+        value.replace("ts=1780000000", "ts=1780000001"),
+        value[:-2] + ("AA" if value[-2:] != "AA" else "BB"),
+        value.replace(",sig=", ",sag="),
+        "t=ten_1,t=ten_2," + value,
+        value.replace("kid=" + key_id_of(OLD), "kid=00000000"),
+        "x" * 2000,
+        "",
     ]
     for forged in forgeries:
         assert signer.verify(forged, 60, NOW) is None, forged
@@ -109,7 +109,7 @@ def test_weak_or_missing_secrets_refused() -> None:
 def test_configured_keys_win(tmp_path: Path) -> None:
     s = load_settings(env={}, data_dir=tmp_path, tenant_signing_keys=(NEW.decode(), OLD.decode()))
     signer = TenantSigner.from_settings(s)
-    assert f"kid={key_id_of(NEW)}".encode() in signer.sign("t", "k", NOW)
+    assert f"kid={key_id_of(NEW)}" in signer.sign("t", "k", NOW)
     assert not (tmp_path / KEY_FILE).exists()
 
 

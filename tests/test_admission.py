@@ -48,6 +48,16 @@ async def admission(redis_url: str) -> AsyncIterator[Admission]:
     await adm.close()
 
 
+class Clock:
+    """A hand-driven monotonic clock, so time-dependent verdicts do not depend on load."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,11 +231,13 @@ async def test_month_window_in_utc_and_december() -> None:
 async def test_recovers_from_script_cache_flush(server: Server) -> None:
     adm = Admission(client_for(server.url, 2.0), timeout_ms=2_000)
     policy = Policy(tenant_rate_per_s=100, tenant_burst=100)
+    now = future_ms()
     try:
-        assert (await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)).allowed
+        first = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR, now_ms=now)
+        assert first.allowed
         await adm.client.script_flush()
         assert await adm.client.script_exists(SCRIPT_SHA) == [False]
-        d = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)
+        d = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR, now_ms=now)
         assert d.allowed and not d.degraded and d.remaining == (98,)
         assert await adm.client.script_exists(SCRIPT_SHA) == [True]
     finally:
@@ -242,7 +254,7 @@ async def _bounded(call: object) -> Decision:
 
 
 async def test_unreachable_fail_open_is_bounded_by_the_local_limit() -> None:
-    adm = _unreachable(local=LocalLimiter(), breaker=Breaker(3, 60))
+    adm = _unreachable(local=LocalLimiter(clock=Clock()), breaker=Breaker(3, 60))
     policy = Policy(tenant_rate_per_s=100, tenant_burst=100, fail_mode="open", local_rate_per_s=3)
     before = REGISTRY.get_sample_value("tollway_admission_degraded_total", {"outcome": "admitted"})
     try:
@@ -276,7 +288,8 @@ async def test_unreachable_fail_closed_refuses_with_503() -> None:
 
 
 async def test_breaker_skips_redis_while_open_and_closes_after_a_good_probe(server: Server) -> None:
-    adm = Admission(client_for(server.url, 0.5), timeout_ms=500, breaker=Breaker(2, 0.3))
+    clock = Clock()
+    adm = Admission(client_for(server.url, 0.5), timeout_ms=500, breaker=Breaker(2, 5, clock))
     policy = Policy(tenant_rate_per_s=1000, tenant_burst=1000, fail_mode="closed")
 
     async def admit() -> Decision:
@@ -292,7 +305,9 @@ async def test_breaker_skips_redis_while_open_and_closes_after_a_good_probe(serv
         assert (await admit()).status == 503  # answered by the open breaker, Redis untouched
         assert REGISTRY.get_sample_value("tollway_admission_redis_failures_total") == failures + 2
         server.start()
-        await asyncio.sleep(0.35)
+        clock.now += 4.9
+        assert (await admit()).status == 503
+        clock.now += 0.1
         probe = await admit()
         assert probe.allowed and not probe.degraded
         assert adm.breaker.state == CLOSED
@@ -340,7 +355,7 @@ async def test_embedded_redis_62_uses_server_time(tmp_path: Path) -> None:
     settings = load_settings(env={}, data_dir=tmp_path / "data", redis_timeout_ms=2_000)
     adm = Admission.from_settings(settings)
     policy = Policy(
-        tenant_rate_per_s=1, tenant_burst=2, concurrency=1, quotas=(("api_calls", 9, 1),)
+        tenant_rate_per_s=0.1, tenant_burst=2, concurrency=1, quotas=(("api_calls", 9, 1),)
     )
     try:
         info = await adm.client.info("server")

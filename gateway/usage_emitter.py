@@ -79,6 +79,7 @@ class UsageEmitter:
         self._max_pending = max_pending or 10 * batch
         self._pending: list[UsageEvent] = []
         self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
         self._producer = uuid.uuid4().bytes
         self._seq = 0
         self._retry_at = 0.0
@@ -136,6 +137,11 @@ class UsageEmitter:
                 log.exception("usage flush failed")
 
     async def flush(self) -> None:
+        """Send what is pending; one flush at a time, so each shard sees rising sequence numbers."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         events, self._pending = self._pending, []
         batches = self._batches(events)
         if self._spool.size and not await self._replay():

@@ -114,6 +114,11 @@ async def test_insert_done_but_ack_lost_is_not_counted_twice(
     assert _counts(ch) == (len(entries), len(entries))
     await _drain(first)
     assert _counts(ch) == (len(written), len(written))
+    rollups = ch.query(
+        "SELECT (SELECT countMerge(events) FROM usage_minute), "
+        "(SELECT countMerge(events) FROM usage_hour), (SELECT countMerge(events) FROM usage_day)"
+    ).result_rows[0]
+    assert rollups == (len(written),) * 3
     await _assert_settled(aredis)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from gateway.spool import Spool
 from gateway.usage_emitter import UsageEmitter
@@ -135,3 +136,28 @@ async def test_replaying_a_batch_that_already_landed_adds_nothing(
         replayer = _emitter(redis_url, tmp_path / directory)
         await replayer.aclose()
     assert Counter(_stream_ids(redis_client)) == Counter(e.event_id for e in events)
+
+
+async def test_a_full_buffer_drops_and_counts_instead_of_growing(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    emitter = UsageEmitter(
+        client,
+        Spool.open(tmp_path, 1 << 20),
+        shards=SHARDS,
+        flush_ms=60_000,
+        batch=5,
+        max_pending=10,
+    )
+    before = REGISTRY.get_sample_value(
+        "tollway_usage_events_dropped_total", {"reason": "buffer_full"}
+    )
+    for event in _events(15):
+        emitter.emit(event)
+    after = REGISTRY.get_sample_value(
+        "tollway_usage_events_dropped_total", {"reason": "buffer_full"}
+    )
+    assert (after or 0) - (before or 0) == 5
+    await emitter.aclose()
+    assert len(_stream_ids(redis_client)) == 10

@@ -35,8 +35,9 @@ FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
      b"forwarded", b"x-real-ip"}
 )
-# Client credentials and tenant hints that must not reach the upstream.
-DROPPED_REQUEST = frozenset({b"x-tenant-id", b"x-api-key"})
+# Client credentials and tenant hints that must not reach the upstream; `Expect` was already
+# answered by the ASGI server.
+DROPPED_REQUEST = frozenset({b"x-tenant-id", b"x-api-key", b"expect"})
 UNITS_HEADER = b"tollway-units"
 TOLLWAY_KEY_PREFIX = b"bearer tw_"
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")

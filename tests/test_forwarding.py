@@ -68,12 +68,13 @@ def test_tenant_context_and_tollway_credentials_dropped() -> None:
             (b"x-api-key", b"tw_live_x"),
             (b"authorization", b"Bearer TW_live_x"),
             (b"x-tollway", b"kept: the prefix needs the dash"),
+            (b"expect", b"100-continue"),
         ],
         client="192.0.2.1", scheme="http", trusted=NOBODY,
     )
     assert names(out)[0] == "x-tollway"
     assert not {"x-tenant-id", "x-tollway-tenant", "tollway-units", "x-api-key",
-                "authorization"} & set(names(out))
+                "authorization", "expect"} & set(names(out))
 
 
 def test_other_authorization_passes() -> None:

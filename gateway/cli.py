@@ -254,7 +254,8 @@ def usage_cmd(
         try:
             client = clickhouse.connect(cp.settings)
             migrate_clickhouse(client, cp.settings)
-            used = usage.totals(client, meters.values(), tenant_id, start, end)
+            totals = usage.totals(client, meters.values(), tenant_id, start, end)
+            used = {name: amount.normalize() for name, amount in totals.items()}
         finally:
             clickhouse.close()
     quotas = usage.quota_summary(used, plan.quotas, end)

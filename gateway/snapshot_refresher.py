@@ -4,11 +4,13 @@ Requests read `refresher.snapshot`, one attribute. A background loop replaces it
 
 - at once when a change notification arrives on the Redis channel (the control plane
   publishes after commit), and
-- whenever the periodic version check finds `max(audit_events.seq)` ahead of the snapshot,
-  which catches a notification lost to a Redis blip or published while unsubscribed.
+- whenever the periodic check (`snapshot.changed`) finds an audit event the snapshot has not
+  seen, which catches a notification lost to a Redis blip or published while unsubscribed.
 
-One loop does every reload, so a burst of notifications collapses into at most one reload in
-progress plus one queued. Loads run in a worker thread because they are blocking I/O. When
+Reloads are incremental (only the tenants the new events name), with a full load every
+FULL_RELOAD_S as a backstop. One loop does every reload, so a burst of notifications collapses
+into at most one reload in progress plus one queued. Loads run in a worker thread because
+they are blocking I/O. When
 Redis or the store is down the last snapshot keeps serving; `age()` says how long it has been
 since the snapshot was last known to be current, for metrics and health checks.
 """
@@ -27,13 +29,13 @@ import redis.asyncio as aioredis
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 
-from gateway.snapshot import Snapshot, load_snapshot
-from tenancy import audit
+from gateway.snapshot import Snapshot, changed, load_snapshot, refresh_snapshot
 from tenancy.settings import Settings
 
 log = logging.getLogger("tollway.snapshot")
 
 RESUBSCRIBE_MAX_S = 5.0
+FULL_RELOAD_S = 60.0  # a full load now and then repairs anything an incremental one missed
 
 snapshot_age = Gauge(
     "tollway_snapshot_age_seconds",
@@ -57,6 +59,7 @@ class SnapshotRefresher:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._confirmed = -float("inf")
+        self._full_at = -float("inf")
         self._failing = False
         self.snapshot: Snapshot
         self.reloads = 0
@@ -65,7 +68,7 @@ class SnapshotRefresher:
         """Load the first snapshot (a failure here propagates: nothing to serve yet)."""
         started = time.monotonic()
         self.snapshot = await asyncio.to_thread(load_snapshot, self._engine)
-        self._confirmed = started
+        self._confirmed = self._full_at = started
         snapshot_age.set_function(self.age)
         self._tasks.append(asyncio.create_task(self._run(), name="snapshot-refresh"))
         if self._redis_url is not None:
@@ -84,7 +87,7 @@ class SnapshotRefresher:
 
     def notify(self, seq: int | None = None) -> None:
         """Ask for a reload, unless the snapshot already reflects audit sequence `seq`."""
-        if seq is None or seq > self.snapshot.version:
+        if seq is None or seq not in self.snapshot.seen:
             self._dirty.set()
 
     async def _run(self) -> None:
@@ -92,15 +95,17 @@ class SnapshotRefresher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), self._check_s)
             started = time.monotonic()
+            full = started - self._full_at >= FULL_RELOAD_S
             try:
-                if not self._dirty.is_set():
-                    seq = await asyncio.to_thread(self._latest_seq)
-                    if seq <= self.snapshot.version:
-                        self._confirmed = started
-                        self._recovered()
-                        continue
+                asked = self._dirty.is_set() or full
+                if not asked and not await asyncio.to_thread(self._changed):
+                    self._confirmed = started
+                    self._recovered()
+                    continue
                 self._dirty.clear()
-                snapshot = await asyncio.to_thread(load_snapshot, self._engine)
+                snapshot = await asyncio.to_thread(self._load, full)
+                if full:
+                    self._full_at = started
             except Exception as exc:  # the loop must outlive any store failure
                 if not self._failing:
                     log.warning("snapshot refresh failing, serving version %d: %s",
@@ -110,14 +115,18 @@ class SnapshotRefresher:
             self._confirmed = started
             self._recovered()
             self.reloads += 1
-            if snapshot.version >= self.snapshot.version:
-                self.snapshot = snapshot
-                if self._on_swap is not None:
-                    self._on_swap(snapshot)
+            self.snapshot = snapshot
+            if self._on_swap is not None:
+                self._on_swap(snapshot)
 
-    def _latest_seq(self) -> int:
+    def _load(self, full: bool) -> Snapshot:
+        if full:
+            return load_snapshot(self._engine)
+        return refresh_snapshot(self._engine, self.snapshot)
+
+    def _changed(self) -> bool:
         with self._engine.connect() as conn:
-            return audit.latest_seq(conn)
+            return changed(conn, self.snapshot)
 
     def _recovered(self) -> None:
         if self._failing:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.engine import make_url
 
-from gateway.snapshot import load_snapshot
+from gateway.snapshot import Snapshot, load_snapshot, refresh_snapshot
 from gateway.snapshot_refresher import SnapshotRefresher
-from tenancy import keys, plans, tenants
+from tenancy import audit, keys, plans, tenants
 from tenancy.controlplane import ControlPlane
 from tenancy.keys import hash_secret
-from tenancy.store import open_engine
+from tenancy.settings import load_settings
+from tenancy.store import migrate, open_engine
 from tenancy.tables import audit_events
 from tenancy.tables import tenants as tenants_table
 
@@ -95,6 +97,50 @@ def test_one_tenants_bad_settings_do_not_break_the_load(sqlite_cp: ControlPlane)
     assert good in snap.tenants
 
 
+def content(snap: Snapshot) -> tuple[Any, ...]:
+    return (
+        dict(snap.tenants), {k: t.id for k, t in snap.by_subdomain.items()},
+        {k: t.id for k, t in snap.by_domain.items()}, dict(snap.keys), dict(snap.plans),
+        snap.version, snap.seen,
+    )
+
+
+def test_incremental_refresh_equals_a_full_load(cp: ControlPlane) -> None:
+    acme = onboard(cp, "Acme", subdomain="acme")
+    beta = onboard(cp, "Beta", domains=["api.beta.example"])
+    _, kept = keys.create(cp, beta, actor="test")
+    doomed, gone = keys.create(cp, beta, actor="test")
+    quiet = onboard(cp, "Quiet")
+    old = load_snapshot(cp.engine)
+
+    gamma = onboard(cp, "Gamma", subdomain="gamma", domains=["api.gamma.example"])
+    _, fresh = keys.create(cp, acme, actor="test", scopes=["orders:read"])
+    keys.revoke(cp, doomed["id"], actor="test")
+    tenants.transition(cp, acme, "suspend", actor="test")
+    set_tenant_settings(cp, beta, {"routes": [{"prefix": "/admin", "scopes": ["admin:write"]}]})
+
+    patched = refresh_snapshot(cp.engine, old)
+    assert content(patched) == content(load_snapshot(cp.engine))
+    assert patched.tenants[acme].status == "suspended"
+    assert patched.by_subdomain["gamma"].id == gamma
+    assert hash_secret(fresh) in patched.keys and hash_secret(kept) in patched.keys
+    assert hash_secret(gone) not in patched.keys
+    # An untouched tenant keeps its record: the incremental load did no work for it.
+    assert patched.tenants[quiet] is old.tenants[quiet]
+    assert patched.tenants[beta] is not old.tenants[beta]
+
+
+def test_a_new_plan_version_forces_a_full_load(sqlite_cp: ControlPlane) -> None:
+    onboard(sqlite_cp, "Acme")
+    old = load_snapshot(sqlite_cp.engine)
+    doc = plans.load_document(plans.DEFAULTS_FILE)
+    plans.apply(sqlite_cp, {"plans": {"starter": {**doc["plans"]["starter"], "price": "31.00"}}},
+                "test")
+    patched = refresh_snapshot(sqlite_cp.engine, old)
+    assert len(patched.plans) == len(old.plans) + 1
+    assert content(patched) == content(load_snapshot(sqlite_cp.engine))
+
+
 async def test_two_replicas_see_revocation_and_suspension_within_a_second(
     cp: ControlPlane,
 ) -> None:
@@ -168,13 +214,45 @@ async def test_a_burst_of_notifications_is_one_reload(sqlite_cp: ControlPlane) -
         await refresher.close()
 
 
-async def test_store_outage_keeps_serving_the_last_snapshot(pg_url: str) -> None:
-    from tenancy.settings import load_settings
-    from tenancy.store import migrate
-
+@pytest.fixture
+def pg_cp(pg_url: str) -> Iterator[ControlPlane]:
+    """A PostgreSQL control plane that publishes nothing: only the version check can help."""
     settings = load_settings(env={}, database_url=pg_url, snapshot_check_s=0.05)
     migrate(open_engine(pg_url))
-    cp = ControlPlane.open(settings, with_redis=False)
+    plane = ControlPlane.open(settings, with_redis=False)
+    yield plane
+    plane.close()
+
+
+async def test_a_transaction_committing_below_the_newest_seq_is_noticed(
+    pg_cp: ControlPlane,
+) -> None:
+    acme = onboard(pg_cp, "Acme")
+    other = onboard(pg_cp, "Other")
+    refresher = SnapshotRefresher(pg_cp.engine, pg_cp.settings)
+    await refresher.start()
+    slow = pg_cp.engine.connect()
+    try:
+        late = slow.begin()  # takes its audit seq now, commits after a later writer
+        event = audit.record(slow, actor="test", type="tenant.suspended", subject=acme,
+                             tenant_id=acme)
+        slow.execute(
+            update(tenants_table).where(tenants_table.c.id == acme).values(status="suspended")
+        )
+        _, secret = await asyncio.to_thread(keys.create, pg_cp, other, actor="test")
+        await eventually(lambda: hash_secret(secret) in refresher.snapshot.keys)
+        assert refresher.snapshot.version > event["seq"]
+        late.commit()
+        await eventually(lambda: refresher.snapshot.tenants[acme].status == "suspended")
+    finally:
+        slow.close()
+        await refresher.close()
+
+
+async def test_store_outage_keeps_serving_the_last_snapshot(
+    pg_url: str, pg_cp: ControlPlane
+) -> None:
+    cp, settings = pg_cp, pg_cp.settings
     engine = open_engine(pg_url)
     refresher = SnapshotRefresher(engine, settings)
     database = make_url(pg_url).database
@@ -202,7 +280,6 @@ async def test_store_outage_keeps_serving_the_last_snapshot(pg_url: str) -> None
     finally:
         await refresher.close()
         engine.dispose()
-        cp.close()
         admin.dispose()
 
 

@@ -277,7 +277,8 @@ class Proxy:
             # Headers are out: the only honest signal left is cutting the connection, which
             # the server does when the app returns without finishing the body.
             log.warning("response from %s cut off: %r", target, exc)
-            return ProxyResult(502, upload.received, upload.sent, {}, upstream_ms, True)
+            status = 504 if isinstance(exc, TimeoutError) else 502
+            return ProxyResult(status, upload.received, upload.sent, {}, upstream_ms, True)
         if upload.too_large:
             problem = _too_large(self.settings)
         elif isinstance(exc, TimeoutError):
@@ -324,10 +325,20 @@ async def _stream_body(
                 if watch is None:
                     watch = asyncio.ensure_future(receive())
                 elif watch.done():
-                    upload.gone = True
-                    raise _ClientGone
+                    if _disconnected(watch):
+                        upload.gone = True
+                        raise _ClientGone
+                    watch = None  # not a disconnect (off-spec server): watch again
         await _send(send, upload, {"type": "http.response.body", "body": b"",
                                    "more_body": False})
     finally:
         if watch is not None and not watch.done():
             watch.cancel()
+
+
+def _disconnected(watch: asyncio.Future[Message]) -> bool:
+    if watch.cancelled():
+        return False
+    if watch.exception() is not None:  # the server could not read the connection any more
+        return True
+    return bool(watch.result()["type"] == "http.disconnect")

@@ -42,6 +42,7 @@ class Upstream:
         app.router.add_get("/sleep", self.sleep)
         app.router.add_get("/gzip", self.gzipped)
         app.router.add_get("/cookie", self.cookie)
+        app.router.add_get("/stall", self.stall)
         self.runner = web.AppRunner(app, shutdown_timeout=0.1)
         self.url = ""
 
@@ -97,6 +98,13 @@ class Upstream:
     async def sleep(self, request: web.Request) -> web.Response:
         await asyncio.sleep(3)
         return web.Response(text="late")
+
+    async def stall(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(4 * len(PAYLOAD))})
+        await resp.prepare(request)
+        await resp.write(PAYLOAD * 2)
+        await asyncio.sleep(3)
+        return resp
 
     async def gzipped(self, request: web.Request) -> web.Response:
         return web.Response(body=gzip.compress(PAYLOAD), headers={"Content-Encoding": "gzip"})
@@ -343,6 +351,38 @@ async def test_read_timeout_is_504(harness: Harness) -> None:
     assert r.status_code == 504
     assert r.json()["title"] == "Gateway Timeout"
     assert results[0].status == 504
+
+
+async def test_upstream_silent_mid_body_is_cut_not_completed(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Driven with plain ASGI callables so the unfinished response itself can be inspected."""
+    proxy = Proxy(make_settings(tmp_path, upstream_read_timeout_s=0.3))
+    sent: list[MutableMapping[str, Any]] = []
+
+    received = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if received.is_set():  # as a server does: nothing more until the client leaves
+            await asyncio.Event().wait()
+        received.set()
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"x")]
+    scope = {"type": "http", "method": "GET", "scheme": "http", "client": ("192.0.2.7", 1),
+             "headers": headers}
+    try:
+        result = await proxy.forward(scope, receive, send, upstream=upstream.url, path="/stall",
+                                     query=b"", headers=headers)
+    finally:
+        await proxy.close()
+    assert (result.status, result.aborted) == (504, True)
+    assert result.bytes_out == 2 * len(PAYLOAD)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert all(m["more_body"] for m in sent[1:])  # never marked complete
 
 
 async def test_encoded_body_passes_untouched(harness: Harness) -> None:

@@ -40,7 +40,7 @@ def export_usage(
 ) -> bytes:
     """Rows per (meter, local day, route, method, status, dims) for [start, end)."""
     zone(tz)
-    table = pick_source("day", tz, start, end)
+    table = pick_source("day", tz, start, end, grouped=True)
     raw = table == RAW_TABLE
     col = "time" if raw else "bucket"
     values = ", ".join(f"{pair[1 if raw else 0]} AS {name}" for name, pair in _COLUMNS.items())

@@ -59,6 +59,33 @@ def migrate(client: Client, settings: Settings) -> list[str]:
     return applied
 
 
+_VIEW = re.compile(r"CREATE MATERIALIZED VIEW IF NOT EXISTS \w+ TO (\w+) AS\s+(SELECT\s.*)", re.S)
+
+
+def rebuild_rollups(client: Client, month: int) -> list[str]:
+    """Recompute every rollup's partition `month` (YYYYMM) from the raw events.
+
+    The partition is dropped and refilled with the views' own SELECT, so a recompute replaces
+    rollup rows instead of adding to them. Run it for closed months, or with ingestion paused:
+    rows inserted between the DROP and the SELECT would be counted by both.
+    """
+    views = dict(migration_files())["0003_rollup_views"]
+    rebuilt = []
+    for statement in statements(views):
+        match = _VIEW.match(statement)
+        if match is None:
+            continue
+        table, select = match.groups()
+        scoped = select.replace(
+            "FROM usage_events", "FROM usage_events WHERE toYYYYMM(time) = {month:UInt32}"
+        )
+        client.command(f"ALTER TABLE {table} DROP PARTITION {{month:UInt32}}",
+                       parameters={"month": month})
+        client.command(f"INSERT INTO {table} {scoped}", parameters={"month": month})
+        rebuilt.append(table)
+    return rebuilt
+
+
 def _apply_ttl(client: Client, ttl_days: int) -> None:
     wanted = f"INTERVAL {ttl_days} DAY"
     for table in _TTL_TABLES:

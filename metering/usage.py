@@ -3,7 +3,8 @@
 A rollup answers a query when every boundary the query needs (the range ends and the window
 starts in the caller's timezone) falls on one of its bucket edges. Day buckets are UTC days,
 so they serve only zones at UTC offset 0 over the whole range; whole-hour zones use hours,
-half-hour zones minutes, and anything finer falls back to the raw table.
+half-hour zones minutes (when not grouping by a dimension, which minute rows do not keep),
+and anything finer falls back to the raw table.
 """
 
 from __future__ import annotations
@@ -84,9 +85,14 @@ def previous_month(start: datetime, tz: str) -> tuple[datetime, datetime]:
     return month_bounds(start - timedelta(seconds=1), tz)
 
 
-def pick_source(window: Window | None, tz: str, start: datetime, end: datetime) -> str:
+def pick_source(
+    window: Window | None, tz: str, start: datetime, end: datetime, grouped: bool = False
+) -> str:
+    """The coarsest exact table; minute rows carry no dimensions, so grouping skips them."""
     offsets = _offsets(zone(tz), start, end) if window is not None else {0}
     for name in _CANDIDATES[window]:
+        if grouped and name == "minute":
+            continue
         step = _STEP[name]
         edges_align = _epoch(start) % step == 0 and _epoch(end) % step == 0
         if edges_align and all(o % step == 0 for o in offsets):
@@ -108,7 +114,7 @@ def usage(
     """The meter's value per window (starting in `tz`) and per declared dimension value."""
     if window not in WINDOWS:
         raise invalid(f"window must be one of {list(WINDOWS)}", "window")
-    table = source or pick_source(window, tz, start, end)
+    table = source or pick_source(window, tz, start, end, grouped=bool(group_by))
     col = "time" if table == RAW_TABLE else "bucket"
     groups = [_dimension(meter, d, i) for i, d in enumerate(group_by)]
     period = _PERIOD[window].format(c=col)

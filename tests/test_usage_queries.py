@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -72,11 +73,11 @@ def test_rollups_agree_with_raw(loaded, meters, tz: str) -> None:
                        "Asia/Kolkata": "usage_minute"}[tz]
     assert pick_source("day", tz, start, end) == expected_source
     for meter in meters.values():
-        for window in ("hour", "day", "month"):
-            fast = usage(loaded, meter, "t1", start, end, window, tz, meter.dimensions[:1])
-            slow = usage(loaded, meter, "t1", start, end, window, tz, meter.dimensions[:1],
-                         source=RAW_TABLE)
-            assert fast == slow, (meter.name, window)
+        for window, groups in itertools.product(("hour", "day", "month"),
+                                                ((), meter.dimensions[:1])):
+            fast = usage(loaded, meter, "t1", start, end, window, tz, groups)
+            slow = usage(loaded, meter, "t1", start, end, window, tz, groups, source=RAW_TABLE)
+            assert fast == slow, (meter.name, window, groups)
             assert fast, (meter.name, window)
         assert total(loaded, meter, "t1", start, end) == total(
             loaded, meter, "t1", start, end, source=RAW_TABLE

@@ -5,10 +5,6 @@ SELECT
     tenant_id,
     meter,
     toStartOfMinute(time) AS bucket,
-    route,
-    method,
-    status,
-    dims,
     countStateIf(source != 'correction') AS events,
     sumStateIf(units, source = 'correction') AS correction_units,
     sumState(units) AS units_sum,
@@ -18,7 +14,7 @@ SELECT
     sumState(bytes_out) AS bytes_out,
     uniqExactStateIf(subject, source != 'correction') AS subjects
 FROM usage_events
-GROUP BY tenant_id, meter, bucket, route, method, status, dims;
+GROUP BY tenant_id, meter, bucket;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_hour_mv TO usage_hour AS
 SELECT

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.proxy import Proxy, ProxyResult
+from gateway.proxy import Proxy, ProxyResult, check_limits
 from gateway.tenant_signature import HEADER, TenantSigner
 from tenancy.settings import Settings, load_settings
 
@@ -523,3 +523,16 @@ async def test_through_granian_truncation_disconnect_and_head(tmp_path: Path) ->
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
         await origin.runner.cleanup()
+
+
+def test_check_limits(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_header_bytes=64, max_body_bytes=10)
+    assert check_limits([(b"content-length", b"10")], settings) is None
+    too_big = check_limits([(b"Content-Length", b"11")], settings)
+    assert too_big is not None and too_big.status == 413
+    bad = check_limits([(b"content-length", b"-1")], settings)
+    assert bad is not None and bad.status == 400
+    # 30 + 30 + 4 = 64 bytes on the wire is allowed, one more is not
+    assert check_limits([(b"x" * 30, b"y" * 30)], settings) is None
+    wide = check_limits([(b"x" * 30, b"y" * 31)], settings)
+    assert wide is not None and wide.status == 431

@@ -37,6 +37,7 @@ DEFAULT_DUNNING_DAYS = 7
 SEEN_WINDOW = 1024  # how far below the newest audit seq a late commit is still noticed
 MAX_INCREMENTAL = 500  # more touched tenants than this and a full load is cheaper
 NOT_IN_SNAPSHOT = ("admin_token.",)  # tenant-less events that change nothing loaded here
+MISCONFIGURED_SCOPE = "!misconfigured-route"  # not a valid key scope, so never granted
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,18 +273,21 @@ def _dunning_days(tenant_id: str, value: Any) -> int:
 
 
 def _routes(tenant_id: str, value: Any) -> tuple[RouteRule, ...]:
+    """A rule whose scopes are unreadable guards its prefix with a scope no key can hold
+    (only `*` passes): a typo must not open the route it was meant to close."""
     if value is None:
         return ()
     rules: list[RouteRule] = []
     for item in value if isinstance(value, list) else [value]:
         prefix = item.get("prefix") if isinstance(item, dict) else None
         scopes = item.get("scopes") if isinstance(item, dict) else None
-        if (
-            not isinstance(prefix, str) or not prefix.startswith("/")
-            or not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes)
-        ):
-            log.warning("tenant %s: ignoring malformed route rule %r", tenant_id, item)
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            log.warning("tenant %s: ignoring route rule without a /prefix: %r", tenant_id, item)
             continue
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            log.warning("tenant %s: route rule %r has unreadable scopes; closing %s",
+                        tenant_id, item, prefix)
+            scopes = [MISCONFIGURED_SCOPE]
         rules.append(RouteRule(prefix.rstrip("/") or "/", tuple(sorted(set(scopes)))))
     return tuple(rules)
 

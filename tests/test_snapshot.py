@@ -11,7 +11,13 @@ import pytest
 from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.engine import make_url
 
-from gateway.snapshot import Snapshot, load_snapshot, refresh_snapshot
+from gateway.snapshot import (
+    MISCONFIGURED_SCOPE,
+    RouteRule,
+    Snapshot,
+    load_snapshot,
+    refresh_snapshot,
+)
 from gateway.snapshot_refresher import SnapshotRefresher
 from tenancy import audit, keys, plans, tenants
 from tenancy.controlplane import ControlPlane
@@ -83,7 +89,8 @@ def test_one_tenants_bad_settings_do_not_break_the_load(sqlite_cp: ControlPlane)
     bad = onboard(sqlite_cp, "Bad")
     good = onboard(sqlite_cp, "Good")
     set_tenant_settings(sqlite_cp, bad, {
-        "routes": [{"prefix": "admin"}, "junk"], "dunning_days": "soon",
+        "routes": [{"prefix": "admin"}, "junk", {"prefix": "/ops", "scopes": "ops:write"}],
+        "dunning_days": "soon",
         "jwks": {"keys": "nope"},
     })
     with sqlite_cp.transaction("test") as tx:
@@ -92,7 +99,8 @@ def test_one_tenants_bad_settings_do_not_break_the_load(sqlite_cp: ControlPlane)
         )
     snap = load_snapshot(sqlite_cp.engine)
     record = snap.tenants[bad]
-    assert record.routes == () and record.dunning_days == 7 and record.jwks is None
+    assert record.routes == (RouteRule("/ops", (MISCONFIGURED_SCOPE,)),)
+    assert record.dunning_days == 7 and record.jwks is None
     assert record.tz.key == "UTC"
     assert good in snap.tenants
 

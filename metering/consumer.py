@@ -89,8 +89,9 @@ def _row_problem(event: UsageEvent) -> str | None:
         return "status must fit UInt16"
     if not (0 <= event.bytes_in < _MAX_U64 and 0 <= event.bytes_out < _MAX_U64):
         return "bytes_in and bytes_out must fit UInt64"
-    if abs(event.units) >= _MAX_UNITS:
-        return "units out of Decimal(38, 9) range"
+    units = event.units
+    if abs(units) >= _MAX_UNITS or int(units.as_tuple().exponent) < -9:
+        return "units out of Decimal(38, 9) range or precision"
     if event.time_ms >= _MAX_TIME_MS:
         return "time out of range"
     return None

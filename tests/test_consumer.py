@@ -135,6 +135,13 @@ async def test_malformed_entries_are_dead_lettered_with_reason(
     bad_status = UsageEvent(
         tenant_id="t", meter="m", subject="s", time_ms=1_764_000_000_000, status=70000
     )
+    fine_units = UsageEvent(
+        tenant_id="t",
+        meter="m",
+        subject="s",
+        time_ms=1_764_000_000_000,
+        units=Decimal("0.0000000001"),
+    )
     bad = {
         redis_client.xadd(stream, {FIELD: b"{not json"}): "not JSON",
         redis_client.xadd(
@@ -143,6 +150,7 @@ async def test_malformed_entries_are_dead_lettered_with_reason(
         redis_client.xadd(stream, {b"other": b"x"}): "no 'e' field",
         redis_client.xadd(stream, {FIELD: bad_uuid.to_bytes()}): "event_id must be a UUID",
         redis_client.xadd(stream, {FIELD: bad_status.to_bytes()}): "status must fit UInt16",
+        redis_client.xadd(stream, {FIELD: fine_units.to_bytes()}): "range or precision",
     }
     redis_client.xadd(stream, {FIELD: good.to_bytes()})
     await _drain(consumer)

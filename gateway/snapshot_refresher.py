@@ -117,7 +117,10 @@ class SnapshotRefresher:
             self.reloads += 1
             self.snapshot = snapshot
             if self._on_swap is not None:
-                self._on_swap(snapshot)
+                try:
+                    self._on_swap(snapshot)
+                except Exception:  # a listener's bug must not stop the refreshes
+                    log.exception("snapshot on_swap callback failed")
 
     def _load(self, full: bool) -> Snapshot:
         if full:

@@ -206,6 +206,26 @@ async def test_redis_outage_falls_back_to_version_check(sqlite_cp: ControlPlane)
         await refresher.close()
 
 
+async def test_a_failing_swap_listener_does_not_stop_refreshes(sqlite_cp: ControlPlane) -> None:
+    acme = onboard(sqlite_cp, "Acme")
+    swapped: list[int] = []
+
+    def listener(snapshot: Snapshot) -> None:
+        swapped.append(snapshot.version)
+        raise RuntimeError("a listener bug")
+
+    refresher = SnapshotRefresher(sqlite_cp.engine, sqlite_cp.settings, on_swap=listener)
+    await refresher.start()
+    try:
+        for _ in range(2):
+            _, secret = await asyncio.to_thread(keys.create, sqlite_cp, acme, actor="test")
+            digest = hash_secret(secret)
+            await eventually(lambda d=digest: d in refresher.snapshot.keys)  # type: ignore[misc]
+        assert len(swapped) >= 2 and swapped == sorted(swapped)
+    finally:
+        await refresher.close()
+
+
 async def test_a_burst_of_notifications_is_one_reload(sqlite_cp: ControlPlane) -> None:
     onboard(sqlite_cp, "Acme")
     refresher = SnapshotRefresher(sqlite_cp.engine, sqlite_cp.settings)

@@ -15,7 +15,8 @@ socket. Rules (docs/proxy.md):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable
 
 HOP_BY_HOP = frozenset(
     {
@@ -40,7 +41,7 @@ FORWARDING = frozenset(
 DROPPED_REQUEST = frozenset({b"x-tenant-id", b"x-api-key", b"expect"})
 UNITS_HEADER = b"tollway-units"
 TOLLWAY_KEY_PREFIX = b"bearer tw_"
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _PEER_CACHE_MAX = 4096
 
 Header = tuple[bytes, bytes]
@@ -108,7 +109,7 @@ def _text(value: bytes) -> str:
 
 def _forwarded_value(value: str) -> str:
     """An RFC 7239 value: a token if it is one, else a quoted-string."""
-    if value and value.isascii() and all(c in _TCHAR for c in value.encode()):
+    if _TOKEN.fullmatch(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -132,7 +133,7 @@ def request_headers(
     client used. The result is `str` pairs because that is what aiohttp takes; the upstream
     `Host` is left for the client library to set from the upstream URL.
     """
-    headers = headers if isinstance(headers, Sequence) else list(headers)
+    headers = headers if isinstance(headers, (list, tuple)) else list(headers)
     named = connection_tokens(headers)
     peer_trusted = client in trusted
     out: list[StrHeader] = []
@@ -174,7 +175,7 @@ def request_headers(
 def response_headers(headers: Iterable[Header]) -> tuple[list[Header], bytes | None]:
     """The upstream's response headers as the client may see them, plus the raw value of the
     upstream's `Tollway-Units` report (several lines are joined with commas)."""
-    headers = headers if isinstance(headers, Sequence) else list(headers)
+    headers = headers if isinstance(headers, (list, tuple)) else list(headers)
     named = connection_tokens(headers)
     out: list[Header] = []
     units: bytes | None = None

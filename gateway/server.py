@@ -29,6 +29,18 @@ from tenancy.settings import Settings, load_settings
 log = logging.getLogger("tollway.server")
 
 
+# granian logs to stdout by default; stdout is kept for what serve prints (the summary and a
+# new admin token, or the --json document) so scripts can read it.
+LOG_TO_STDERR = {
+    "handlers": {
+        "console": {"formatter": "generic", "class": "logging.StreamHandler",
+                    "stream": "ext://sys.stderr"},
+        "access": {"formatter": "access", "class": "logging.StreamHandler",
+                   "stream": "ext://sys.stderr"},
+    },
+}
+
+
 @dataclass(frozen=True)
 class Prepared:
     backends: bootstrap.Backends
@@ -76,7 +88,7 @@ def _granian(
     level = LogLevels(log_level) if log_level in LogLevels.__members__ else LogLevels.info
     server: MPServer | MTServer = Granian(
         target, address=host, port=port, interface=Interfaces.ASGI, workers=workers,
-        factory=True, log_level=level,
+        factory=True, log_level=level, log_dictconfig=LOG_TO_STDERR,
     )
     return server
 

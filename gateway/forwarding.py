@@ -137,11 +137,13 @@ def request_headers(
     named = connection_tokens(headers)
     peer_trusted = client in trusted
     out: list[StrHeader] = []
-    host = prior_for = prior_proto = prior_host = prior_fwd = None
+    host = prior_for = prior_proto = prior_host = prior_fwd = cookie = None
     for raw_name, value in headers:
         name = raw_name.lower()
         if name == b"host":
             host = value
+        elif name == b"cookie":  # HTTP/2 clients may split it; HTTP/1.1 allows one line
+            cookie = value if cookie is None else cookie + b"; " + value
         elif name in FORWARDING and name not in named:
             if not peer_trusted:
                 continue
@@ -158,6 +160,8 @@ def request_headers(
         elif _passes(name, value, named):
             out.append((_text(raw_name), _text(value)))
 
+    if cookie is not None and b"cookie" not in named:
+        out.append(("Cookie", _text(cookie)))
     peer = client or "unknown"
     host_text = _text(host) if host else ""
     xff = peer if prior_for is None else f"{_text(prior_for)}, {peer}"

@@ -127,6 +127,12 @@ def test_forwarded_ipv6_and_unknown_peer() -> None:
     assert value(out, "forwarded") == 'for=unknown;proto=http;host="a\\"b"'
 
 
+def test_split_cookie_lines_are_joined() -> None:
+    out = request_headers([(b"cookie", b"a=1"), (b"accept", b"*/*"), (b"cookie", b"b=2")],
+                          client="192.0.2.1", scheme="http", trusted=NOBODY)
+    assert value(out, "cookie") == "a=1; b=2"
+
+
 def test_non_utf8_header_value_survives() -> None:
     out = request_headers([(b"x-latin", b"caf\xe9")], client="192.0.2.1", scheme="http",
                           trusted=NOBODY)

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,9 @@ class TenantSigner:
         self._cache[(tenant_id, key_id)] = (ts, value)
         return value
 
-    def verify(self, value: bytes | str, max_age_s: float, now: float) -> TenantClaims | None:
+    def verify(
+        self, value: bytes | str, max_age_s: float, now: float | None = None
+    ) -> TenantClaims | None:
         """Claims if the MAC checks out with a known secret and `ts` is within `max_age_s` of
         `now` (either side, for clock skew); otherwise None, with no hint why."""
         raw = value.encode() if isinstance(value, str) else value
@@ -112,7 +115,7 @@ class TenantSigner:
         if not hmac.compare_digest(expected, sig):
             return None
         issued = int(fields["ts"])
-        if abs(now - issued) > max_age_s:
+        if abs((time.time() if now is None else now) - issued) > max_age_s:
             return None
         return TenantClaims(unquote(fields["t"]), unquote(fields["k"]), issued, fields["kid"])
 

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def test_round_trip_and_format() -> None:
     assert claims is not None
     assert (claims.tenant_id, claims.key_id, claims.issued_at) == ("ten_123", "key_abc", 1780000000)
     assert signer.verify(value.encode(), max_age_s=60, now=NOW) == claims
+    assert signer.verify(signer.sign("t", "k", time.time()), max_age_s=5) is not None
 
 
 def test_independent_verification_as_documented() -> None:

@@ -36,7 +36,8 @@ def test_migrate_is_idempotent_and_recorded(ch, ch_settings: Settings) -> None:
     assert migrate(ch, ch_settings) == []
     versions = [r[0] for r in ch.query("SELECT version FROM schema_migrations ORDER BY version")
                 .result_rows]
-    assert versions == ["0001_usage_events", "0002_rollup_tables", "0003_rollup_views"]
+    assert versions == ["0001_usage_events", "0002_rollup_tables", "0003_rollup_views",
+                        "0004_finance_views"]
     tables = {r[0] for r in ch.query("SELECT name FROM system.tables "
                                      "WHERE database = currentDatabase()").result_rows}
     assert {"usage_events", *ROLLUPS.values(), "usage_hour_mv", "usage_day_mv"} <= tables
@@ -85,6 +86,13 @@ def test_corrections_are_new_rows(ch) -> None:
     assert ch.query("SELECT count() FROM usage_events").result_rows[0][0] == 2
     row = ch.query("SELECT sumMerge(units_sum), countMerge(events) FROM usage_hour").result_rows[0]
     assert (Decimal(row[0]), row[1]) == (Decimal(6), 1)
+    insert_events(ch, [_event(), _event(), _event(units="-1")], "gateway", "c")
+    insert_events(ch, [_event(units="-1")], "correction", "d")
+    for view in ("usage_hourly", "usage_daily"):  # the finance views finalize the same states
+        got = ch.query(f"SELECT meter, sum(events), sum(events_net), sum(units) FROM {view} "  # noqa: S608
+                       "WHERE tenant_id = 't1' GROUP BY meter ORDER BY meter").result_rows
+        assert got == [("api_calls", 3, Decimal(2), Decimal(0)),
+                       ("tokens", 1, Decimal(-3), Decimal(6))], view
 
 
 def test_client_is_cached_per_target(ch, ch_settings: Settings, tmp_path) -> None:

@@ -169,7 +169,7 @@ class Resolver:
         if self._domain:
             owner = snapshot.by_domain.get(hostname)
             if owner is not None:
-                if owner is not tenant:
+                if owner.id != tenant.id:
                     raise mismatch("domain")
                 return
         if self._subdomain:
@@ -239,7 +239,7 @@ def _strip_tenant_prefix(
     end = path.find("/", len(PATH_PREFIX))
     name = path[len(PATH_PREFIX) : end if end >= 0 else None]
     named = snapshot.tenants.get(name) or snapshot.by_subdomain.get(name.lower())
-    if named is not tenant:
+    if named is None or named.id != tenant.id:
         raise mismatch("path")
     raw_end = raw_path.find(b"/", len(PATH_PREFIX))
     if end < 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.spool import Spool, SpooledBatch
 from metering.events import UsageEvent, shard_for, stream_key
@@ -39,9 +40,7 @@ log = logging.getLogger("tollway.usage")
 EMITTED = Counter("tollway_usage_events_emitted", "Usage events accepted from the request path")
 FLUSHED = Counter("tollway_usage_events_flushed", "Usage events written to Redis Streams")
 SPOOLED = Counter("tollway_usage_events_spooled", "Usage events written to the local spool")
-DROPPED = Counter(
-    "tollway_usage_events_dropped", "Usage events lost on purpose", ["reason"]
-)
+DROPPED = Counter("tollway_usage_events_dropped", "Usage events lost on purpose", ["reason"])
 SPOOL_BYTES = Gauge("tollway_usage_spool_bytes", "Bytes waiting in the local spool")
 FLUSH_SECONDS = Histogram(
     "tollway_usage_flush_seconds",
@@ -50,6 +49,7 @@ FLUSH_SECONDS = Histogram(
 )
 
 APPEND_SCRIPT = (Path(__file__).parent / "usage_append.lua").read_text()
+APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 REPLAY_CHUNK_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_S = 1.0
 _REDIS_DOWN = (RedisError, OSError)
@@ -72,7 +72,6 @@ class UsageEmitter:
     ) -> None:
         self._redis = client
         self._spool = spool
-        self._script = client.register_script(APPEND_SCRIPT)
         self._shards = shards
         self._flush_s = flush_ms / 1000
         self._batch = batch
@@ -174,16 +173,28 @@ class UsageEmitter:
         return batches
 
     async def _send(self, batches: list[SpooledBatch]) -> None:
+        """One pipelined round trip of EVALSHA; the script is loaded only when Redis lacks it."""
         started = time.perf_counter()
-        pipe = self._redis.pipeline(transaction=False)
-        for b in batches:
-            shard = b.shard % self._shards
-            await self._script(
-                keys=[stream_key(shard), producers_key(shard)],
-                args=[b.producer.hex(), b.seq, *b.payloads],
-                client=pipe,
-            )
-        await pipe.execute()
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for b in batches:
+                shard = b.shard % self._shards
+                pipe.evalsha(
+                    APPEND_SHA,
+                    2,
+                    stream_key(shard),
+                    producers_key(shard),
+                    b.producer.hex(),
+                    b.seq,
+                    *b.payloads,
+                )
+            try:
+                await pipe.execute()
+                break
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._redis.script_load(APPEND_SCRIPT)
         FLUSH_SECONDS.observe(time.perf_counter() - started)
         FLUSHED.inc(sum(len(b.payloads) for b in batches))
 
@@ -203,9 +214,7 @@ class UsageEmitter:
             return False
         offset = 0
         while offset < self._spool.size:
-            batches, after = await asyncio.to_thread(
-                self._spool.read, offset, REPLAY_CHUNK_BYTES
-            )
+            batches, after = await asyncio.to_thread(self._spool.read, offset, REPLAY_CHUNK_BYTES)
             try:
                 await self._send(batches)
             except _REDIS_DOWN as exc:

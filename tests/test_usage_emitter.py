@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from gateway.spool import Spool
 from gateway.usage_emitter import UsageEmitter
 from metering.events import UsageEvent, shard_for, stream_key
+from tenancy.settings import load_settings
 
 SHARDS = 4
 
@@ -161,3 +162,29 @@ async def test_a_full_buffer_drops_and_counts_instead_of_growing(
     assert (after or 0) - (before or 0) == 5
     await emitter.aclose()
     assert len(_stream_ids(redis_client)) == 10
+
+
+async def test_a_flushed_script_cache_is_reloaded_not_spooled(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    redis_client.script_flush()  # as after a Redis restart
+    emitter = _emitter(redis_url, tmp_path)
+    for event in _events(50):
+        emitter.emit(event)
+    await emitter.flush()
+    assert emitter._spool.size == 0
+    assert len(_stream_ids(redis_client)) == 50
+    await emitter.aclose()
+
+
+async def test_from_settings_builds_a_working_emitter(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    settings = load_settings(env={}, data_dir=tmp_path / "data", redis_url=redis_url)
+    emitter = UsageEmitter.from_settings(settings)
+    emitter.start()
+    for event in _events(20):
+        emitter.emit(event)
+    await emitter.aclose()
+    assert len(_stream_ids(redis_client)) == 20
+    assert list((tmp_path / "data" / "spool").glob("usage-*.spool"))

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from gateway.app import build_admin_app, build_app
-from tenancy import admin_api, admin_tokens, plans
+from tenancy import admin_api, admin_tokens, keys, plans
 from tenancy.controlplane import ControlPlane
 from tenancy.openapi import REQUEST_SCHEMAS, document
 from tenancy.problems import PROBLEM_JSON
@@ -308,3 +308,25 @@ async def test_separate_admin_listener(cp: ControlPlane) -> None:
         assert (await c.get("/admin/v1/plans", headers=headers)).status_code == 200
         assert (await c.get("/healthz")).status_code == 200
         _problem(await c.get("/other"), 404)
+
+
+async def test_unexpected_failure_is_a_bare_500(tmp_path: Path, redis_url: str) -> None:
+    """A store without its schema makes every query fail: the client sees a 500 problem with
+    no internals (no SQL, no table names), never a traceback."""
+    from tenancy.settings import load_settings
+
+    settings = load_settings(env={}, data_dir=tmp_path, redis_url=redis_url,
+                             database_url=f"sqlite:///{tmp_path / 'unmigrated.db'}")
+    plane = ControlPlane.open(settings)
+    try:
+        app = build_app(settings, plane)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            well_formed = keys.mint(admin_tokens.PREFIX)  # passes the format check: looked up
+            response = await c.get("/admin/v1/plans",
+                                   headers={"Authorization": f"Bearer {well_formed}"})
+        body = _problem(response, 500)
+        assert "table" not in response.text.lower() and "sql" not in response.text.lower()
+        assert body["detail"] == "the request failed unexpectedly; the error was logged"
+    finally:
+        plane.close()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +25,7 @@ ID_LINE = re.compile(r"^[a-z0-9][a-z0-9-]*\n$")
 
 @pytest.fixture
 def run(tmp_path: Path, redis_url: str) -> Any:
-    env = {
+    base_env: dict[str, str | None] = {
         "TOLLWAY_CONFIG": None,
         "COLUMNS": "250",
         "TOLLWAY_DATA_DIR": str(tmp_path / "data"),
@@ -31,8 +36,8 @@ def run(tmp_path: Path, redis_url: str) -> Any:
     }
     runner = CliRunner()
 
-    def invoke(*args: str, code: int = 0) -> Result:
-        result = runner.invoke(app, list(args), env=env)
+    def invoke(*args: str, code: int = 0, env: dict[str, str] | None = None) -> Result:
+        result = runner.invoke(app, list(args), env={**base_env, **(env or {})})
         assert result.exit_code == code, (args, result.output, result.exception)
         return result
 
@@ -154,3 +159,36 @@ def test_errors_and_exit_codes(run: Any) -> None:
     assert invalid["status"] == 422 and invalid["errors"][0]["field"] in {"name", "email"}
     run("tenants", "create", "No Email", code=2)
     run("keys", "create", "t", "--expires-at", "tomorrow", code=2)
+
+
+def test_configuration_errors_exit_2(run: Any, tmp_path: Path) -> None:
+    bad = run("tenants", "list", code=2, env={"TOLLWAY_PORT": "eighty"})
+    assert "TOLLWAY_PORT" in bad.stderr
+    config = tmp_path / "tollway.toml"
+    config.write_text("[tollway]\nno_such_setting = 1\n")
+    assert "no_such_setting" in run("--config", str(config), "plans", "list", code=2).stderr
+
+
+def test_worker_runs_until_sigterm(tmp_path: Path, redis_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    env.update({
+        "TOLLWAY_DATA_DIR": str(tmp_path / "data"), "TOLLWAY_REDIS_URL": redis_url,
+        "TOLLWAY_CLICKHOUSE_URL": f"chdb://{tmp_path / 'chdb'}",
+        "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONUNBUFFERED": "1",
+    })
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--json"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        assert proc.stderr is not None
+        while b"metering worker" not in proc.stderr.readline():
+            assert time.monotonic() < deadline and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        started = orjson.loads(out)
+        assert started["worker"] == "started" and started["backends"]["analytics"] == "chdb"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -70,13 +70,13 @@ def migrate_control_plane(settings: Settings) -> str | None:
         engine.dispose()
 
 
-def open_control_plane(settings: Settings, *, with_redis: bool = True) -> ControlPlane:
+def open_control_plane(settings: Settings) -> ControlPlane:
     """The ControlPlane on the configured store. The embedded SQLite file is migrated and
     given the default plans first; a PostgreSQL store is left to `tollway migrate`."""
     embedded = is_embedded_store(settings)
     if embedded:
         migrate_control_plane(settings)
-    cp = ControlPlane.open(settings, with_redis=with_redis)
+    cp = ControlPlane.open(settings)
     if embedded:
         seed(cp)
     return cp

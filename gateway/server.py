@@ -19,11 +19,13 @@ from granian import Granian
 from granian.constants import Interfaces
 from granian.log import LogLevels
 from granian.server import MPServer, MTServer
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from gateway import bootstrap
 from gateway.app import build_admin_app, build_app
 from metering.clickhouse import is_chdb
+from tenancy.problems import Problem
 from tenancy.settings import Settings, load_settings
 
 log = logging.getLogger("tollway.server")
@@ -57,6 +59,11 @@ def prepare(settings: Settings, workers: int) -> Prepared:
     try:
         bootstrap.seed(cp)
         token = bootstrap.ensure_platform_token(cp)
+    except SQLAlchemyError as exc:
+        raise Problem(
+            503, f"the control-plane store is not usable ({type(exc).__name__}); "
+            "if it is new, run `tollway migrate` first", kind="store-not-ready",
+        ) from exc
     finally:
         cp.close()
     embedded = is_chdb(settings)

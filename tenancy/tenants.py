@@ -42,7 +42,8 @@ from tenancy.controlplane import ControlPlane, Tx
 from tenancy.ids import new_tenant_id
 from tenancy.problems import conflict, invalid, not_found
 from tenancy.settings import Settings
-from tenancy.tables import domains, tenants
+from tenancy.tables import domains as domain_rows
+from tenancy.tables import tenants
 
 RESERVED_SUBDOMAINS = frozenset(
     (
@@ -253,7 +254,7 @@ def _row(conn: Connection, tenant_id: str, *, lock: bool = False) -> RowMapping:
 
 
 def _hosts(conn: Connection, tenant_id: str) -> list[str]:
-    query = select(domains.c.domain).where(domains.c.tenant_id == tenant_id)
+    query = select(domain_rows.c.domain).where(domain_rows.c.tenant_id == tenant_id)
     return sorted(conn.execute(query).scalars())
 
 
@@ -325,9 +326,9 @@ def list_tenants(
     hosts: dict[str, list[str]] = {row["id"]: [] for row in page}
     if page:
         found = conn.execute(
-            select(domains.c.tenant_id, domains.c.domain)
-            .where(domains.c.tenant_id.in_(list(hosts)))
-            .order_by(domains.c.domain)
+            select(domain_rows.c.tenant_id, domain_rows.c.domain)
+            .where(domain_rows.c.tenant_id.in_(list(hosts)))
+            .order_by(domain_rows.c.domain)
         )
         for tenant_id, host in found:
             hosts[tenant_id].append(host)
@@ -360,13 +361,13 @@ def _claim_domains(conn: Connection, hosts: list[str], tenant_id: str) -> None:
     if not hosts:
         return
     taken = conn.execute(
-        select(domains.c.domain).where(
-            domains.c.domain.in_(hosts), domains.c.tenant_id != tenant_id
+        select(domain_rows.c.domain).where(
+            domain_rows.c.domain.in_(hosts), domain_rows.c.tenant_id != tenant_id
         )
     ).scalars().first()
     if taken is not None:
         raise conflict(f"domain {taken!r} belongs to another tenant", field="domains")
-    conn.execute(insert(domains), [{"domain": h, "tenant_id": tenant_id} for h in hosts])
+    conn.execute(insert(domain_rows), [{"domain": h, "tenant_id": tenant_id} for h in hosts])
 
 
 def create(
@@ -437,7 +438,7 @@ def _insert(
     }
     conn.execute(insert(tenants).values(**row))
     public = _public(row, hosts)
-    tx.audit("tenant.created", tenant_id, tenant_id=tenant_id, after=public, at=now)
+    tx.audit("tenant.created", tenant_id, tenant_id=tenant_id, after=public)
     # Domains go in last: a domain taken by another tenant rolls back the tenant row and
     # its audit event with it.
     _claim_domains(conn, hosts, tenant_id)
@@ -473,7 +474,7 @@ def transition(
         if change.after.status == "deleted":
             # A deleted tenant keeps its row for the audit trail but frees its names.
             values["subdomain"] = None
-            tx.conn.execute(delete(domains).where(domains.c.tenant_id == tenant_id))
+            tx.conn.execute(delete(domain_rows).where(domain_rows.c.tenant_id == tenant_id))
         done = tx.conn.execute(
             sql_update(tenants)
             .where(tenants.c.id == tenant_id, tenants.c.status == state.status)
@@ -482,7 +483,7 @@ def transition(
         if done.rowcount != 1:
             raise conflict("the tenant changed concurrently; retry", tenant_status=state.status)
         tx.audit(
-            change.event, tenant_id, tenant_id=tenant_id, at=at,
+            change.event, tenant_id, tenant_id=tenant_id,
             before={"status": state.status},
             after={
                 "status": change.after.status,
@@ -504,7 +505,7 @@ def _move_plan(tx: Tx, row: RowMapping, plan: plans.Plan, now: datetime) -> bool
         .values(plan_id=plan.plan_id, plan_version=plan.version, updated_at=now)
     )
     tx.audit(
-        "tenant.plan_changed", row["id"], tenant_id=row["id"], at=now,
+        "tenant.plan_changed", row["id"], tenant_id=row["id"],
         before={"plan_id": row["plan_id"], "plan_version": row["plan_version"]},
         after={"plan_id": plan.plan_id, "plan_version": plan.version},
     )
@@ -608,8 +609,8 @@ def _apply_update(
         if old_hosts != new_hosts:
             before["domains"], after["domains"] = old_hosts, new_hosts
             conn.execute(
-                delete(domains).where(
-                    domains.c.tenant_id == tenant_id, domains.c.domain.not_in(new_hosts)
+                delete(domain_rows).where(
+                    domain_rows.c.tenant_id == tenant_id, domain_rows.c.domain.not_in(new_hosts)
                 )
             )
             _claim_domains(conn, sorted(set(new_hosts) - set(old_hosts)), tenant_id)
@@ -624,10 +625,10 @@ def _apply_update(
     )
     if before:
         tx.audit(
-            "tenant.updated", tenant_id, tenant_id=tenant_id, at=now, before=before, after=after
+            "tenant.updated", tenant_id, tenant_id=tenant_id, before=before, after=after
         )
     if settings_changed:
         tx.audit(
-            "tenant.settings_changed", tenant_id, tenant_id=tenant_id, at=now,
+            "tenant.settings_changed", tenant_id, tenant_id=tenant_id,
             before={"settings": row["settings"]}, after={"settings": new_settings},
         )

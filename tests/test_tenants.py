@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
 from sqlalchemy import func, select
 
 from tenancy import ids, plans, tenants
@@ -272,3 +277,49 @@ def test_illegal_transition_is_409_and_changes_nothing(seeded: ControlPlane) -> 
     with seeded.engine.connect() as conn:
         assert tenants.get(conn, tenant["id"]) == tenant
     assert _events(seeded, tenant["id"]) == ["tenant.created"]
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_any_name_gives_a_well_formed_id(name: str) -> None:
+    tenant_id = ids.new_tenant_id(name)
+    assert ids.is_tenant_id(tenant_id) and len(tenant_id) <= ids.ID_MAX
+
+
+def _race(count: int, work: Callable[[int], object]) -> list[object]:
+    """Run `work(i)` in `count` threads released together; collect results or Problems."""
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Problem as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def test_racing_creates_for_one_subdomain_give_one_tenant(seeded: ControlPlane) -> None:
+    before = _counts(seeded)
+    results = _race(4, lambda i: _new(seeded, name=f"Racer {i}", subdomain="race"))
+    won = [r for r in results if isinstance(r, dict)]
+    lost = [r for r in results if isinstance(r, Problem)]
+    assert len(won) == 1 and len(lost) == 3
+    assert all(p.status == 409 for p in lost)
+    tenants_n, domains_n, audits_n = _counts(seeded)
+    assert (tenants_n, domains_n, audits_n) == (before[0] + 1, before[1], before[2] + 1)
+
+
+def test_racing_transitions_apply_once(seeded: ControlPlane) -> None:
+    tid = _new(seeded)["id"]
+    results = _race(4, lambda i: tenants.transition(seeded, tid, "activate", actor=f"t{i}"))
+    assert sum(isinstance(r, dict) for r in results) == 1
+    assert all(r.status == 409 for r in results if isinstance(r, Problem))
+    assert _events(seeded, tid) == ["tenant.created", "tenant.activated"]

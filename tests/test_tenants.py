@@ -323,3 +323,13 @@ def test_racing_transitions_apply_once(seeded: ControlPlane) -> None:
     assert sum(isinstance(r, dict) for r in results) == 1
     assert all(r.status == 409 for r in results if isinstance(r, Problem))
     assert _events(seeded, tid) == ["tenant.created", "tenant.activated"]
+
+
+def test_search_terms_with_quotes_and_escapes_match_literally(seeded: ControlPlane) -> None:
+    odd = _new(seeded, name="O'Brien \\ Sons 100% _x_")
+    _new(seeded, name="OXBrien Sons 1000 axa")
+    with seeded.engine.connect() as conn:
+        for term in ("o'brien \\ sons", "100%", "_x_", "'; drop table tenants; --"):
+            found, _ = tenants.list_tenants(conn, q=term)
+            expected = [] if term.startswith("'") else [odd["id"]]
+            assert [t["id"] for t in found] == expected, term

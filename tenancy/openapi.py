@@ -258,6 +258,7 @@ def _op(
         responses[code] = _problem(text)
     if body is not None:
         responses.setdefault("400", _problem("the body is not valid JSON"))
+        responses.setdefault("413", _problem("the body is larger than 1 MiB"))
         responses.setdefault("415", _problem("unsupported Content-Type"))
         responses.setdefault("422", _problem("the body does not match the schema"))
     op: dict[str, Any] = {"summary": summary, "responses": responses}

@@ -190,6 +190,8 @@ async def test_boundary_errors_are_problems(client: httpx.AsyncClient) -> None:
     _problem(await client.post("/tenants", content=b"name=x",
                                headers={"content-type": "application/x-www-form-urlencoded"}), 415)
     _problem(await client.get("/tenants/tn_missing"), 404)
+    huge = {"name": "big", "email": "b@example.com", "metadata": {"x": "y" * (1 << 20)}}
+    _problem(await client.post("/tenants", json=huge), 413)
     _problem(await client.get("/no-such-route"), 404)
     not_allowed = _problem(await client.delete("/tenants"), 405)
     assert not_allowed["title"] == "Method Not Allowed"

@@ -45,7 +45,10 @@ def _sweep(cp: ControlPlane, action: str, where: ColumnElement[bool], now: datet
 
 def run_once(cp: ControlPlane, now: datetime | None = None) -> dict[str, int]:
     """Expire due trials and delete tenants whose grace period is over."""
-    at = datetime.now(UTC) if now is None else now.astimezone(UTC)
+    if now is None:
+        at = datetime.now(UTC)
+    else:
+        at = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
     t = tenants_table.c
     return {
         "trials_expired": _sweep(

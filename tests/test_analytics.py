@@ -6,6 +6,8 @@ import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from clickhouse_connect.driver.client import Client
+
 from metering.analytics import (
     PlanOption,
     Point,
@@ -18,12 +20,13 @@ from metering.analytics import (
 from metering.events import UsageEvent
 from metering.ingest import insert_events
 from metering.meters import load_meters
+from tenancy.settings import Settings
 
 START = (datetime.now(UTC) - timedelta(days=20)).replace(minute=0, second=0, microsecond=0)
 HOUR = timedelta(hours=1)
 
 
-def _series(values):
+def _series(values: list[float] | list[int]) -> list[Point]:
     return [Point(START + i * HOUR, float(v)) for i, v in enumerate(values)]
 
 
@@ -49,7 +52,7 @@ def test_injected_spike_is_found() -> None:
     assert anomalies(_series(flat), threshold=30) == []
 
 
-def test_spike_in_chdb_rollups_is_found(ch, ch_settings) -> None:
+def test_spike_in_chdb_rollups_is_found(ch: Client, ch_settings: Settings) -> None:
     meter = load_meters(ch_settings)["api_calls"]
     events = []
     for h in range(24 * 8):

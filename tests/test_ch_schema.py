@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
 
 from metering import clickhouse
 from metering.events import UsageEvent
@@ -13,7 +17,9 @@ from metering.schema import RAW_COLUMNS, ROLLUPS
 from tenancy.settings import Settings
 
 
-def _event(tenant: str = "t1", units: str = "1", at: datetime | None = None, **kw) -> UsageEvent:
+def _event(
+    tenant: str = "t1", units: str = "1", at: datetime | None = None, **kw: Any
+) -> UsageEvent:
     at = at or datetime.now(UTC) - timedelta(hours=1)
     return UsageEvent(
         tenant_id=tenant, meter=kw.pop("meter", "api_calls"), subject=kw.pop("subject", "k1"),
@@ -21,7 +27,7 @@ def _event(tenant: str = "t1", units: str = "1", at: datetime | None = None, **k
     )
 
 
-def _rollup_counts(ch, tenant: str) -> dict[str, tuple[int, Decimal, int]]:
+def _rollup_counts(ch: Client, tenant: str) -> dict[str, tuple[int, Decimal, int]]:
     out = {}
     for table in ROLLUPS.values():
         row = ch.query(
@@ -32,7 +38,7 @@ def _rollup_counts(ch, tenant: str) -> dict[str, tuple[int, Decimal, int]]:
     return out
 
 
-def test_migrate_is_idempotent_and_recorded(ch, ch_settings: Settings) -> None:
+def test_migrate_is_idempotent_and_recorded(ch: Client, ch_settings: Settings) -> None:
     assert migrate(ch, ch_settings) == []
     versions = [r[0] for r in ch.query("SELECT version FROM schema_migrations ORDER BY version")
                 .result_rows]
@@ -43,7 +49,7 @@ def test_migrate_is_idempotent_and_recorded(ch, ch_settings: Settings) -> None:
     assert {"usage_events", *ROLLUPS.values(), "usage_hour_mv", "usage_day_mv"} <= tables
 
 
-def test_raw_table_contract(ch) -> None:
+def test_raw_table_contract(ch: Client) -> None:
     cols = [r[0] for r in ch.query("SELECT name FROM system.columns WHERE database = "
                                    "currentDatabase() AND table = 'usage_events' ORDER BY position")
             .result_rows]
@@ -59,7 +65,7 @@ def test_raw_table_contract(ch) -> None:
     assert "non_replicated_deduplication_window = 10000" in engine
 
 
-def test_ttl_follows_the_setting(ch, ch_settings: Settings) -> None:
+def test_ttl_follows_the_setting(ch: Client, ch_settings: Settings) -> None:
     from dataclasses import replace
 
     assert migrate(ch, replace(ch_settings, raw_ttl_days=90)) == []
@@ -68,7 +74,7 @@ def test_ttl_follows_the_setting(ch, ch_settings: Settings) -> None:
     assert "toIntervalDay(90)" in engine
 
 
-def test_reinserted_block_with_its_token_is_counted_once(ch) -> None:
+def test_reinserted_block_with_its_token_is_counted_once(ch: Client) -> None:
     events = [_event(units="2.5"), _event(units="1.5", subject="k2")]
     for _ in range(3):
         insert_events(ch, events, "gateway", "batch-1")
@@ -80,7 +86,7 @@ def test_reinserted_block_with_its_token_is_counted_once(ch) -> None:
         assert got == (3, Decimal("5"), 300), table
 
 
-def test_corrections_are_new_rows(ch) -> None:
+def test_corrections_are_new_rows(ch: Client) -> None:
     insert_events(ch, [_event(units="10", meter="tokens")], "api", "a")
     insert_events(ch, [_event(units="-4", meter="tokens")], "correction", "b")
     assert ch.query("SELECT count() FROM usage_events").result_rows[0][0] == 2
@@ -95,7 +101,7 @@ def test_corrections_are_new_rows(ch) -> None:
                        ("tokens", 1, Decimal(-3), Decimal(6))], view
 
 
-def test_client_is_cached_per_target(ch, ch_settings: Settings, tmp_path) -> None:
+def test_client_is_cached_per_target(ch: Client, ch_settings: Settings, tmp_path: Path) -> None:
     assert clickhouse.connect(ch_settings) is ch
     other = Settings(clickhouse_url=f"chdb://{tmp_path / 'other'}")
     moved = clickhouse.connect(other)
@@ -104,7 +110,7 @@ def test_client_is_cached_per_target(ch, ch_settings: Settings, tmp_path) -> Non
                        "AND name = 'usage_events'").result_rows[0][0] == 0
 
 
-def test_rebuild_replaces_rollup_partitions(ch) -> None:
+def test_rebuild_replaces_rollup_partitions(ch: Client) -> None:
     at = datetime.now(UTC) - timedelta(hours=2)
     month = int(f"{at:%Y%m}")
     insert_events(ch, [_event(units="2", at=at), _event(units="3", at=at)], "gateway", "live")

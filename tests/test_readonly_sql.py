@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from metering import clickhouse
@@ -13,6 +14,7 @@ from metering.events import UsageEvent
 from metering.ingest import insert_events
 from metering.readonly_sql import analyst_statements, check_statement, create_analyst, run_readonly
 from tenancy.problems import Problem
+from tenancy.settings import Settings
 
 REFUSED = [
     "INSERT INTO usage_events (tenant_id) VALUES ('x')",
@@ -39,7 +41,7 @@ REFUSED = [
 
 
 @pytest.fixture
-def ro(ch, ch_settings):
+def ro(ch: Client, ch_settings: Settings) -> Client:
     at = datetime.now(UTC)
     insert_events(ch, [UsageEvent("t1", "tokens", "k", int(at.timestamp() * 1000), Decimal(3))],
                   "api", "one")
@@ -47,7 +49,9 @@ def ro(ch, ch_settings):
 
 
 @pytest.mark.parametrize("sql", REFUSED)
-def test_writes_ddl_system_and_multi_statements_are_refused(ro, ch, sql: str) -> None:
+def test_writes_ddl_system_and_multi_statements_are_refused(
+    ro: Client, ch: Client, sql: str
+) -> None:
     with pytest.raises(Problem) as err:
         run_readonly(ro, sql)
     assert err.value.status == 422
@@ -61,20 +65,22 @@ def test_writes_ddl_system_and_multi_statements_are_refused(ro, ch, sql: str) ->
     "SYSTEM FLUSH LOGS",
     "SELECT * FROM file('/etc/hostname', 'LineAsString')",
 ])
-def test_the_engine_refuses_writes_on_the_readonly_session(ro, ch, sql: str) -> None:
+def test_the_engine_refuses_writes_on_the_readonly_session(
+    ro: Client, ch: Client, sql: str
+) -> None:
     with pytest.raises(DatabaseError, match="readonly"):
         ro.query(sql)
     assert ch.query("SELECT count() FROM usage_events").result_rows == [(1,)]
 
 
-def test_table_functions_slip_past_the_text_check_but_not_the_engine(ro) -> None:
+def test_table_functions_slip_past_the_text_check_but_not_the_engine(ro: Client) -> None:
     sql = "SELECT * FROM file('/etc/hostname', 'LineAsString')"
     assert check_statement(sql) == sql
     with pytest.raises(DatabaseError, match="readonly"):
         run_readonly(ro, sql)
 
 
-def test_reads_are_answered(ro) -> None:
+def test_reads_are_answered(ro: Client) -> None:
     cols, rows = run_readonly(ro, "SELECT tenant_id, sum(units) AS u, 'DROP; x' AS s "
                                   "FROM usage_events GROUP BY tenant_id;")
     assert cols == ["tenant_id", "u", "s"]
@@ -87,18 +93,18 @@ def test_reads_are_answered(ro) -> None:
     assert sys_rows == [(1,)]
 
 
-def test_result_size_is_bounded(ro) -> None:
+def test_result_size_is_bounded(ro: Client) -> None:
     with pytest.raises(DatabaseError, match="max rows"):
         run_readonly(ro, "SELECT number FROM numbers(1000000)")
 
 
-def test_a_writable_client_is_refused(ch) -> None:
+def test_a_writable_client_is_refused(ch: Client) -> None:
     with pytest.raises(Problem) as err:
         run_readonly(ch, "SELECT 1")
     assert err.value.status == 500
 
 
-def test_analyst_statements_are_valid_clickhouse_sql(ch) -> None:
+def test_analyst_statements_are_valid_clickhouse_sql(ch: Client) -> None:
     stmts = analyst_statements("ten_123", "acme_analyst", "s3cret-'quoted'-password")
     assert stmts[0].startswith("CREATE USER IF NOT EXISTS acme_analyst IDENTIFIED WITH "
                                "sha256_password BY 's3cret-\\'quoted\\'-password'")
@@ -115,6 +121,6 @@ def test_analyst_statements_are_valid_clickhouse_sql(ch) -> None:
             analyst_statements(*bad)
 
 
-def test_create_analyst_is_server_only(ch) -> None:
+def test_create_analyst_is_server_only(ch: Client) -> None:
     with pytest.raises(DatabaseError):
         create_analyst(ch, "t1", "acme_analyst", "p" * 20)

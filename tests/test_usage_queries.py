@@ -6,18 +6,24 @@ import csv
 import io
 import itertools
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from clickhouse_connect.driver.client import Client
+from starlette.types import Receive, Scope, Send
 
 from metering.events import UsageEvent
 from metering.export import export_usage
 from metering.ingest import insert_events
-from metering.meters import load_meters, parse
+from metering.meters import Meter, load_meters, parse
 from metering.schema import RAW_TABLE
 from metering.usage import (
+    Window,
     compare,
     month_bounds,
     pick_source,
@@ -28,6 +34,7 @@ from metering.usage import (
     usage,
 )
 from metering.usage import zone as usage_zone
+from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
 from tenancy.settings import Settings
 
@@ -37,18 +44,20 @@ REF = (datetime.now(UTC) - timedelta(days=45)).replace(
 )
 
 
-def _ev(at: datetime, meter: str = "api_calls", units: str = "1", tenant: str = "t1", **kw):
+def _ev(
+    at: datetime, meter: str = "api_calls", units: str = "1", tenant: str = "t1", **kw: Any
+) -> UsageEvent:
     return UsageEvent(tenant_id=tenant, meter=meter, subject=kw.pop("subject", "k1"),
                       time_ms=int(at.timestamp() * 1000), units=Decimal(units), **kw)
 
 
 @pytest.fixture
-def meters(ch_settings: Settings):
+def meters(ch_settings: Settings) -> dict[str, Meter]:
     return load_meters(ch_settings)
 
 
 @pytest.fixture
-def loaded(ch):
+def loaded(ch: Client) -> Client:
     """~600 events over five days around a month boundary, two tenants, all meters."""
     rnd = random.Random(7)
     events = []
@@ -67,13 +76,14 @@ def loaded(ch):
 
 
 @pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Asia/Kolkata"])
-def test_rollups_agree_with_raw(loaded, meters, tz: str) -> None:
+def test_rollups_agree_with_raw(loaded: Client, meters: dict[str, Meter], tz: str) -> None:
     start, end = REF - timedelta(days=3), REF + timedelta(days=4)
     expected_source = {"UTC": "usage_day", "America/New_York": "usage_hour",
                        "Asia/Kolkata": "usage_minute"}[tz]
     assert pick_source("day", tz, start, end) == expected_source
     for meter in meters.values():
-        for window, groups in itertools.product(("hour", "day", "month"),
+        windows: tuple[Window, ...] = ("hour", "day", "month")
+        for window, groups in itertools.product(windows,
                                                 ((), meter.dimensions[:1])):
             fast = usage(loaded, meter, "t1", start, end, window, tz, groups)
             slow = usage(loaded, meter, "t1", start, end, window, tz, groups, source=RAW_TABLE)
@@ -91,7 +101,7 @@ def test_unaligned_ranges_fall_back_to_raw() -> None:
     assert pick_source("minute", "UTC", REF, REF + timedelta(days=1)) == "usage_minute"
 
 
-def test_late_events_land_in_their_own_period(ch, meters) -> None:
+def test_late_events_land_in_their_own_period(ch: Client, meters: dict[str, Meter]) -> None:
     api = meters["api_calls"]
     insert_events(ch, [_ev(REF + timedelta(hours=30))], "gateway", "on-time")
     # arrives later, belongs to the last hour of the previous month (UTC)
@@ -114,7 +124,7 @@ def test_late_events_land_in_their_own_period(ch, meters) -> None:
     assert [r.value for r in days] == [Decimal(2), Decimal(1)]
 
 
-def test_group_by_declared_dimensions_only(loaded, meters) -> None:
+def test_group_by_declared_dimensions_only(loaded: Client, meters: dict[str, Meter]) -> None:
     tokens = meters["tokens"]
     rows = usage(loaded, tokens, "t1", REF, REF + timedelta(days=1), "day", "UTC", ["model"])
     assert {r.dims["model"] for r in rows} == {"m1", "m2"}
@@ -124,7 +134,7 @@ def test_group_by_declared_dimensions_only(loaded, meters) -> None:
     assert err.value.status == 422
 
 
-def test_aggregations(ch, meters) -> None:
+def test_aggregations(ch: Client, meters: dict[str, Meter]) -> None:
     custom = parse({"meters": {
         "disk": {"aggregation": "LATEST", "value": "units"},
         "teams": {"aggregation": "UNIQUE_COUNT", "value": "dims.team", "event": "api_calls"},
@@ -164,7 +174,7 @@ def test_quota_summary_and_report() -> None:
     ]
 
 
-def test_export_csv_and_parquet(loaded, tmp_path: Path) -> None:
+def test_export_csv_and_parquet(loaded: Client, tmp_path: Path) -> None:
     start, end = REF - timedelta(days=1), REF + timedelta(days=1)
     text = export_usage(loaded, "t1", start, end, "UTC", "csv").decode()
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -183,7 +193,7 @@ def test_export_csv_and_parquet(loaded, tmp_path: Path) -> None:
 # --- the admin routes ---------------------------------------------------------------------
 
 @pytest.fixture
-async def api(ch, sqlite_cp):
+async def api(ch: Client, sqlite_cp: ControlPlane) -> AsyncIterator[httpx.AsyncClient]:
     import httpx
     from sqlalchemy import insert
     from starlette.applications import Starlette
@@ -206,7 +216,7 @@ async def api(ch, sqlite_cp):
             ))
     app = Starlette(routes=usage_routes(sqlite_cp))
 
-    async def as_principal(scope, receive, send):
+    async def as_principal(scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         role = headers.get(b"x-role", b"platform").decode()
         tenant = headers.get(b"x-tenant", b"").decode() or None
@@ -218,7 +228,7 @@ async def api(ch, sqlite_cp):
         yield client
 
 
-async def test_api_usage_quota_report(api, ch) -> None:
+async def test_api_usage_quota_report(api: httpx.AsyncClient, ch: Client) -> None:
     now = datetime.now(UTC)
     start, _ = month_bounds(now, "America/New_York")
     at = max(start + timedelta(minutes=1), now - timedelta(minutes=5))
@@ -247,7 +257,7 @@ async def test_api_usage_quota_report(api, ch) -> None:
     assert {q["meter"]: q["used"] for q in other.json()["quotas"]}["api_calls"] == "0"
 
 
-async def test_api_enforces_the_path_tenant_and_validates(api) -> None:
+async def test_api_enforces_the_path_tenant_and_validates(api: httpx.AsyncClient) -> None:
     own = await api.get("/tenants/t1/quota", headers={"x-role": "tenant", "x-tenant": "t1"})
     assert own.status_code == 200
     other = await api.get("/tenants/t2/quota", headers={"x-role": "tenant", "x-tenant": "t1"})
@@ -263,7 +273,7 @@ async def test_api_enforces_the_path_tenant_and_validates(api) -> None:
     assert (await api.get("/tenants/t1/export", params={"format": "xml"})).status_code == 422
 
 
-async def test_api_export(api, ch) -> None:
+async def test_api_export(api: httpx.AsyncClient, ch: Client) -> None:
     at = datetime.now(UTC) - timedelta(hours=1)
     insert_events(ch, [_ev(at), _ev(at)], "gateway", "exp")
     day = at.date()
@@ -279,7 +289,7 @@ async def test_api_export(api, ch) -> None:
     assert pq.content[:4] == b"PAR1"
 
 
-async def test_api_analytics(api, ch) -> None:
+async def test_api_analytics(api: httpx.AsyncClient, ch: Client) -> None:
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     spike = now - timedelta(hours=30)
     events = []

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
-from tenancy import lifecycle, plans
+from tenancy import keys, lifecycle, plans
 from tenancy.controlplane import ControlPlane, Tx
 from tenancy.ids import new_tenant_id
 from tenancy.problems import conflict, invalid, not_found
@@ -164,11 +164,16 @@ def check_object(value: object, field: str, max_bytes: int) -> dict[str, Any]:
 
 
 def check_settings(value: object) -> dict[str, Any]:
-    """Tenant settings: `branding` (strings) and `features` (boolean flags), nothing else."""
+    """Tenant settings: `branding` and `features` for the product, and the gateway's per-tenant
+    knobs (`routes`, `dunning_days`, `jwks_url`, `jwks`, `jwt_issuer`, `jwt_audience`).
+    They are checked here, at the boundary, so a replica never loads a setting it must guess at.
+    """
     doc = check_object(value, "settings", MAX_SETTINGS_BYTES)
-    unknown = sorted(set(doc) - {"branding", "features"})
+    unknown = sorted(set(doc) - SETTINGS_KEYS)
     if unknown:
-        raise invalid(f"unknown settings {unknown}; allowed: branding, features", "settings")
+        raise invalid(
+            f"unknown settings {unknown}; allowed: {', '.join(sorted(SETTINGS_KEYS))}", "settings"
+        )
     branding = doc.get("branding", {})
     if not isinstance(branding, dict) or not all(
         isinstance(v, str) and len(v) <= 2048 for v in branding.values()
@@ -182,7 +187,46 @@ def check_settings(value: object) -> dict[str, Any]:
             "settings.features must map lower-case flag names to true or false",
             "settings.features",
         )
+    _check_gateway_settings(doc)
     return doc
+
+
+SETTINGS_KEYS = frozenset(
+    {"branding", "features", "routes", "dunning_days", "jwks_url", "jwks", "jwt_issuer",
+     "jwt_audience"}
+)
+
+
+def _check_gateway_settings(doc: dict[str, Any]) -> None:
+    routes = doc.get("routes", [])
+    if not isinstance(routes, list) or len(routes) > 100:
+        raise invalid("settings.routes must be a list of at most 100 rules", "settings.routes")
+    for i, rule in enumerate(routes):
+        field = f"settings.routes[{i}]"
+        if not isinstance(rule, dict) or set(rule) != {"prefix", "scopes"}:
+            raise invalid(f"{field} must be an object with prefix and scopes", field)
+        prefix, scopes = rule["prefix"], rule["scopes"]
+        if not isinstance(prefix, str) or not prefix.startswith("/") or len(prefix) > 200:
+            raise invalid(f"{field}.prefix must be a path starting with '/'", field)
+        if not isinstance(scopes, list):
+            raise invalid(f"{field}.scopes must be a list of scopes", field)
+        keys.check_scopes(scopes)
+    dunning = doc.get("dunning_days", 7)
+    if not isinstance(dunning, int) or isinstance(dunning, bool) or not 0 <= dunning <= 90:
+        raise invalid("settings.dunning_days must be an integer from 0 to 90",
+                      "settings.dunning_days")
+    url = doc.get("jwks_url")
+    if url is not None and (
+        not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 2048
+    ):
+        raise invalid("settings.jwks_url must be an http(s) URL", "settings.jwks_url")
+    jwks = doc.get("jwks")
+    if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+        raise invalid("settings.jwks must be a JWK Set object with a keys list", "settings.jwks")
+    for name in ("jwt_issuer", "jwt_audience"):
+        claim = doc.get(name)
+        if claim is not None and (not isinstance(claim, str) or not 0 < len(claim) <= 512):
+            raise invalid(f"settings.{name} must be a non-empty string", f"settings.{name}")
 
 
 def check_subdomain(value: object) -> str:

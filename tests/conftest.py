@@ -78,7 +78,7 @@ def settings(tmp_path: Path, database_url: str, redis_url: str) -> Settings:
 @pytest.fixture
 def cp(settings: Settings) -> Iterator[ControlPlane]:
     """A migrated control plane on both store backends."""
-    migrate(open_engine(settings.effective_database_url))
+    _migrate(settings.effective_database_url)
     plane = ControlPlane.open(settings)
     yield plane
     plane.close()
@@ -95,7 +95,7 @@ def sqlite_cp(tmp_path: Path, redis_url: str) -> Iterator[ControlPlane]:
         clickhouse_url=f"chdb://{tmp_path / 'chdb'}",
         change_channel=f"tollway:changes:{uuid.uuid4().hex[:8]}",
     )
-    migrate(open_engine(settings.effective_database_url))
+    _migrate(settings.effective_database_url)
     plane = ControlPlane.open(settings)
     yield plane
     plane.close()
@@ -128,3 +128,9 @@ def ch(ch_settings: Settings) -> Iterator[object]:
     migrate_clickhouse(client, ch_settings)
     yield client
     clickhouse.close()
+
+
+def _migrate(url: str) -> None:
+    engine = open_engine(url)
+    migrate(engine)
+    engine.dispose()

@@ -333,3 +333,31 @@ def test_search_terms_with_quotes_and_escapes_match_literally(seeded: ControlPla
             found, _ = tenants.list_tenants(conn, q=term)
             expected = [] if term.startswith("'") else [odd["id"]]
             assert [t["id"] for t in found] == expected, term
+
+
+def test_gateway_settings_are_accepted_and_validated(sqlite_cp) -> None:
+    from tenancy import plans, tenants
+    from tenancy.problems import Problem
+
+    plans.ensure_defaults(sqlite_cp)
+    gateway = {
+        "routes": [{"prefix": "/admin", "scopes": ["admin:write"]}],
+        "dunning_days": 10,
+        "jwks_url": "https://idp.example.com/.well-known/jwks.json",
+        "jwt_issuer": "https://idp.example.com/",
+        "jwt_audience": "tollway",
+    }
+    t = tenants.create(sqlite_cp, actor="t", name="Gateway Settings", email="a@example.com",
+                       settings=gateway)
+    assert t["settings"]["routes"][0]["scopes"] == ["admin:write"]
+    for bad in (
+        {"routes": [{"prefix": "admin", "scopes": ["a:b"]}]},
+        {"routes": [{"prefix": "/x", "scopes": ["Not A Scope"]}]},
+        {"dunning_days": -1},
+        {"jwks_url": "ftp://x"},
+        {"jwks": {"nokeys": 1}},
+        {"jwt_issuer": ""},
+    ):
+        with pytest.raises(Problem) as err:
+            tenants.update(sqlite_cp, t["id"], actor="t", settings=bad)
+        assert err.value.status == 422

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -205,27 +206,57 @@ DEMO_TENANTS = (
 
 
 @app.command()
-def demo(ctx: typer.Context, as_json: Json = False) -> None:
-    """Seed the default plans and three demo tenants with API keys, then print them."""
+def demo(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default: a free one).")]
+    = None,
+    as_json: Json = False,
+) -> None:
+    """Start the gateway embedded, seed three tenants on different plans with API keys, print
+    them, and stop. (Log of the demo gateway: <data dir>/demo-serve.log.)"""
+    from gateway import server
+
+    settings = _settings(ctx)
+    config: Path | None = ctx.find_root().obj
+    if config is not None:
+        os.environ["TOLLWAY_CONFIG"] = str(config.resolve())
     rows: list[dict[str, Any]] = []
-    with _control_plane(ctx, as_json) as cp, cli_output.progress() as bar:
-        task = bar.add_task("seeding plans", total=len(DEMO_TENANTS) + 1)
-        plans.ensure_defaults(cp, actor=bootstrap.cli_actor())
-        bar.advance(task)
-        for name, email, plan in DEMO_TENANTS:
-            bar.update(task, description=f"creating {name}")
-            tenant = tenants.create(cp, actor=bootstrap.cli_actor(), name=name, email=email,
-                                    plan=plan)
-            record, secret = keys.create(cp, tenant["id"], actor=bootstrap.cli_actor(),
-                                         name="demo")
-            rows.append({"tenant_id": tenant["id"], "name": name, "plan": plan,
-                         "status": tenant["status"], "key_id": record["id"], "secret": secret})
-            bar.advance(task)
+    with _reporting(as_json):
+        prepared = server.prepare(settings, 1)
+        log_path = settings.data_dir / "demo-serve.log"
+        with (
+            server.background_server(port or _free_port(), log_path) as base_url,
+            _control_plane(ctx, as_json) as cp,
+            cli_output.progress() as bar,
+        ):
+            task = bar.add_task("creating tenants", total=len(DEMO_TENANTS))
+            for name, email, plan in DEMO_TENANTS:
+                bar.update(task, description=f"creating {name}")
+                tenant = tenants.create(cp, actor=bootstrap.cli_actor(), name=name,
+                                        email=email, plan=plan)
+                record, secret = keys.create(cp, tenant["id"], actor=bootstrap.cli_actor(),
+                                             name="demo")
+                rows.append({"tenant_id": tenant["id"], "name": name, "plan": plan,
+                             "status": tenant["status"], "key_id": record["id"],
+                             "secret": secret})
+                bar.advance(task)
+    result = {"gateway": base_url, "backends": prepared.backends.as_dict(),
+              "admin_token": prepared.new_token, "tenants": rows}
     if as_json:
-        cli_output.emit_json({"tenants": rows})
-    else:
-        cli_output.table("demo tenants (key secrets are shown once)",
-                         ("tenant_id", "name", "plan", "status", "secret"), rows)
+        cli_output.emit_json(result)
+        return
+    cli_output.table("demo tenants (key secrets are shown once)",
+                     ("tenant_id", "name", "plan", "status", "secret"), rows)
+    cli_output.err().print(f"the demo gateway ran at {base_url} and has stopped")
+    if prepared.new_token is not None:
+        cli_output.secret_notice("platform admin token (first start)", prepared.new_token)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @app.command("usage")

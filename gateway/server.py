@@ -10,10 +10,18 @@ the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from granian import Granian
 from granian.constants import Interfaces
@@ -122,3 +130,44 @@ def run(settings: Settings, prepared: Prepared) -> None:
         if admin is not None:
             admin.terminate()
             admin.join(timeout=15)
+
+
+@contextlib.contextmanager
+def background_server(port: int, log_path: Path, timeout_s: float = 60) -> Iterator[str]:
+    """A child `tollway serve` on 127.0.0.1:`port` (settings from this environment), ready
+    when this yields its base URL and stopped with SIGTERM on exit. Used by `tollway demo`;
+    call `prepare` first so the child finds the stores migrated and Redis pinned."""
+    env = {**os.environ, "TOLLWAY_HOST": "127.0.0.1", "TOLLWAY_PORT": str(port)}
+    env.pop("TOLLWAY_ADMIN_PORT", None)
+    base = f"http://127.0.0.1:{port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve"], env=env,
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_ready(base, child, timeout_s, log_path)
+            yield base
+        finally:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _wait_ready(base: str, child: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=1) as answer:  # noqa: S310
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise Problem(503, f"the gateway did not become ready; see {log}", kind="server-not-ready")

@@ -27,6 +27,7 @@ ID_LINE = re.compile(r"^[a-z0-9][a-z0-9-]*\n$")
 def run(tmp_path: Path, redis_url: str) -> Any:
     base_env: dict[str, str | None] = {
         "TOLLWAY_CONFIG": None,
+        "TOLLWAY_JOBS_IN_PROCESS": None,
         "COLUMNS": "250",
         "TOLLWAY_DATA_DIR": str(tmp_path / "data"),
         "TOLLWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'control.db'}",
@@ -137,7 +138,10 @@ def test_migrate_and_demo(run: Any) -> None:
     again = _json(run("migrate", "--json"))
     assert again["clickhouse"]["applied"] == []
 
-    demo = _json(run("demo", "--json"))["tenants"]
+    result = _json(run("demo", "--json"))
+    assert result["gateway"].startswith("http://127.0.0.1:")
+    assert result["admin_token"].startswith("twadm_")  # first start of this data dir
+    demo = result["tenants"]
     assert {t["plan"] for t in demo} == {"starter", "professional", "enterprise"}
     assert all(t["secret"].startswith("tw_live_") for t in demo)
     assert len(_json(run("tenants", "list", "--json"))["items"]) == 3

@@ -2,7 +2,7 @@
 
 /healthz answers as long as the event loop runs, so an orchestrator restarts only a wedged
 process. /readyz runs every registered check (the control-plane store, Redis, and whatever the
-gateway adds, such as the snapshot having loaded) so traffic is withheld from a replica that
+gateway adds: `snapshot_check` once the proxy is wired) so traffic is withheld from a replica that
 could not serve it; each check reports separately so the failing dependency is named.
 """
 
@@ -16,6 +16,8 @@ from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
+
+from gateway.snapshot_refresher import SnapshotRefresher
 
 ReadyCheck = Callable[[], bool]
 
@@ -32,6 +34,17 @@ def store_check(engine: Engine) -> ReadyCheck:
 def redis_check(client: redis.Redis) -> ReadyCheck:
     def check() -> bool:
         return bool(client.ping())
+
+    return check
+
+
+def snapshot_check(refresher: SnapshotRefresher) -> ReadyCheck:
+    """Ready once the first snapshot has loaded. A stale snapshot still serves (the store may
+    be down), so its age is a metric, not a readiness condition: it would fail every replica
+    at once."""
+
+    def check() -> bool:
+        return hasattr(refresher, "snapshot")
 
     return check
 

@@ -332,3 +332,22 @@ async def test_unexpected_failure_is_a_bare_500(tmp_path: Path, redis_url: str) 
         assert body["detail"] == "the request failed unexpectedly; the error was logged"
     finally:
         plane.close()
+
+
+async def test_readyz_waits_for_the_snapshot(cp: ControlPlane) -> None:
+    from gateway.health import snapshot_check
+    from gateway.snapshot_refresher import SnapshotRefresher
+
+    app = build_app(cp.settings, cp)
+    refresher = SnapshotRefresher(cp.engine, cp.settings)
+    app.state.ready_checks["snapshot"] = snapshot_check(refresher)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as c:
+        before = await c.get("/readyz")
+        assert before.status_code == 503 and before.json()["checks"]["snapshot"] == "not ready"
+        await refresher.start()
+        try:
+            after = await c.get("/readyz")
+            assert after.status_code == 200 and after.json()["checks"]["snapshot"] == "ok"
+        finally:
+            await refresher.close()

@@ -45,7 +45,7 @@ def ingest_routes(
         except Problem as problem:
             return problem_response(problem, request.url.path)
 
-    return [Route("/v1/events", events, methods=["POST"])]
+    return [Route("/v1/events", events, methods=["POST"], name="metering-events")]
 
 
 async def _handle(

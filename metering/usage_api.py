@@ -52,7 +52,8 @@ def usage_routes(cp: ControlPlane, meters: Mapping[str, Meter] | None = None) ->
         "export": api.export, "analytics": api.analytics,
     }
     return [
-        Route(f"/tenants/{{tenant_id}}/{name}", api.wrap(handler), methods=["GET"], name=f"{name}")
+        Route(f"/tenants/{{tenant_id}}/{name}", api.wrap(handler), methods=["GET"],
+              name=f"metering-{name}")
         for name, handler in endpoints.items()
     ]
 

@@ -8,6 +8,8 @@ from decimal import Decimal
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metering import clickhouse
 from metering.events import UsageEvent
@@ -124,3 +126,29 @@ def test_analyst_statements_are_valid_clickhouse_sql(ch: Client) -> None:
 def test_create_analyst_is_server_only(ch: Client) -> None:
     with pytest.raises(DatabaseError):
         create_analyst(ch, "t1", "acme_analyst", "p" * 20)
+
+
+_WRITES = ["INSERT INTO t VALUES (1)", "DROP TABLE t", "ALTER TABLE t DELETE WHERE 1",
+           "SYSTEM SHUTDOWN", "CREATE USER x", "TRUNCATE t", "SET readonly = 0", "KILL QUERY ALL"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    first=st.sampled_from(["SELECT 1", "WITH 1 AS x SELECT x", "SHOW TABLES", "DESC t"]),
+    write=st.sampled_from(_WRITES),
+    gap=st.sampled_from([";", " ;", ";\n", "; -- c\n", ";/* c */"]),
+    case=st.booleans(),
+)
+def test_a_second_statement_is_always_refused(first: str, write: str, gap: str,
+                                              case: bool) -> None:
+    sql = f"{first}{gap}{write.lower() if case else write}"
+    with pytest.raises(Problem):
+        check_statement(sql)
+
+
+@settings(max_examples=60, deadline=None)
+@given(word=st.sampled_from(_WRITES), quote=st.sampled_from(["'", "`", '"']))
+def test_forbidden_words_inside_literals_and_comments_are_fine(word: str, quote: str) -> None:
+    literal = f"{quote}{word}; {word}{quote}"
+    sql = f"SELECT {literal} -- {word}\n/* {word}; */"
+    assert check_statement(sql) == sql

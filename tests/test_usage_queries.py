@@ -15,6 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from starlette.types import Receive, Scope, Send
 
 from metering.events import UsageEvent
@@ -307,3 +310,34 @@ async def test_api_analytics(api: httpx.AsyncClient, ch: Client) -> None:
     assert "api_calls" in body["plan_fit"]["utilization"]
     bad = await api.get("/tenants/t1/analytics", params={"threshold": "0"})
     assert bad.status_code == 422
+
+
+@hyp_settings(max_examples=80, deadline=None)
+@given(
+    tz=st.sampled_from(["UTC", "Europe/London", "America/New_York", "Asia/Kolkata",
+                        "Asia/Kathmandu", "Australia/Lord_Howe", "Pacific/Chatham"]),
+    start_min=st.integers(0, 60 * 24 * 400),
+    length_min=st.integers(1, 60 * 24 * 100),
+    window=st.sampled_from(["minute", "hour", "day", "month", None]),
+    grouped=st.booleans(),
+)
+def test_pick_source_only_picks_tables_whose_buckets_fit(
+    tz: str, start_min: int, length_min: int, window: Window | None, grouped: bool
+) -> None:
+    """Every boundary the query needs must be a bucket edge of the chosen table."""
+    start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=start_min)
+    end = start + timedelta(minutes=length_min)
+    table = pick_source(window, tz, start, end, grouped)
+    if table == RAW_TABLE:
+        return
+    step = {"usage_minute": 60, "usage_hour": 3600, "usage_day": 86400}[table]
+    assert not (grouped and table == "usage_minute")
+    assert start.timestamp() % step == 0 and end.timestamp() % step == 0
+    if window is None:
+        return
+    local = usage_zone(tz)
+    at = start
+    while at < end:  # every local window start inside the range is on a bucket edge
+        off = at.astimezone(local).utcoffset()
+        assert off is not None and off.total_seconds() % step == 0
+        at += timedelta(hours=6)

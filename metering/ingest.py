@@ -27,9 +27,10 @@ from metering.events import MAX_DIM_LEN, MAX_DIMS, UsageEvent
 from metering.meters import Meter
 from metering.schema import RAW_COLUMNS, RAW_TABLE, insert_settings
 
-DEDUP_TTL_S = 35 * 86400
 MAX_AGE = timedelta(days=35)
 MAX_AHEAD = timedelta(minutes=5)
+# a key must outlive the last moment its event could still pass the age check
+DEDUP_TTL_S = int((MAX_AGE + MAX_AHEAD).total_seconds()) + 60
 MAX_ID_LEN = 256
 MAX_SOURCE_LEN = 1024
 MAX_UNITS = Decimal(10) ** 29  # Decimal(38, 9) keeps 29 integer digits

@@ -28,6 +28,7 @@ from metering.export import FORMATS, export_usage
 from metering.meters import Meter, load_meters
 from tenancy import plans
 from tenancy.admin_auth import principal_of, tenant_scope
+from tenancy.admin_tokens import AdminPrincipal
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem, invalid, not_found, problem_response
 from tenancy.tables import tenants
@@ -67,7 +68,7 @@ class _UsageApi:
         async def endpoint(request: Request) -> Response:
             try:
                 tenant_id = request.path_params["tenant_id"]
-                tenant_scope(principal_of(request), tenant_id)
+                tenant_scope(_principal(request), tenant_id)
                 ctx = await run_in_threadpool(self._tenant, tenant_id)
                 return await handler(request, ctx)
             except Problem as problem:
@@ -180,6 +181,14 @@ class _UsageApi:
         if name not in self.meters:
             raise invalid(f"unknown meter {name!r}; known: {sorted(self.meters)}", "meter")
         return self.meters[name]
+
+
+def _principal(request: Request) -> AdminPrincipal:
+    """Deny by default: mounted without the admin middleware, nothing is served."""
+    try:
+        return principal_of(request)
+    except (KeyError, TypeError):
+        raise Problem(401, "an admin token is required", kind="unauthorized") from None
 
 
 def _range(start: str | None, end: str | None, tz: str) -> tuple[datetime, datetime]:

@@ -223,7 +223,8 @@ async def api(ch: Client, sqlite_cp: ControlPlane) -> AsyncIterator[httpx.AsyncC
         headers = dict(scope["headers"])
         role = headers.get(b"x-role", b"platform").decode()
         tenant = headers.get(b"x-tenant", b"").decode() or None
-        scope.setdefault("state", {})["principal"] = AdminPrincipal("tok", role, tenant, "test")
+        if role != "none":
+            scope.setdefault("state", {})["principal"] = AdminPrincipal("tok", role, tenant, "t")
         await app(scope, receive, send)
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=as_principal),
@@ -267,6 +268,7 @@ async def test_api_enforces_the_path_tenant_and_validates(api: httpx.AsyncClient
     assert other.status_code == 404
     assert other.headers["content-type"] == "application/problem+json"
     assert (await api.get("/tenants/nope/quota")).status_code == 404
+    assert (await api.get("/tenants/t1/quota", headers={"x-role": "none"})).status_code == 401
     for params in ({"window": "week"}, {"meter": "nope"}, {"tz": "Mars/Base"},
                    {"from": "2026-02-01", "to": "2026-01-01"}, {"from": "yesterday"},
                    {"meter": "tokens", "group_by": "route"}):

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from clickhouse_connect.driver.client import Client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metering.analytics import (
     PlanOption,
@@ -113,3 +115,16 @@ def test_plan_fit_advice() -> None:
     assert (mid.action, mid.peak) == ("keep", Decimal("0.5"))
     assert utilization({"api_calls": Decimal(3)}, {"api_calls": 0}) == {
         "api_calls": Decimal("Infinity")}
+
+
+@settings(max_examples=50, deadline=None)
+@given(level=st.floats(0, 1e6), length=st.integers(25, 300), spike_at=st.integers(24, 299),
+       factor=st.floats(1.5, 50))
+def test_steady_series_flags_only_the_spike(level: float, length: int, spike_at: int,
+                                            factor: float) -> None:
+    values = [level] * length
+    assert anomalies(_series(values)) == []
+    if spike_at < length:
+        # the σ floor is max(5% of the mean, 1): anything beyond 2 floors is flagged
+        values[spike_at] = level + 2.01 * max(0.05 * level, 1.0) * factor
+        assert [a.at for a in anomalies(_series(values))] == [START + spike_at * HOUR]

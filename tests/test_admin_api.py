@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
@@ -260,6 +262,11 @@ def test_openapi_describes_every_mounted_route(cp: ControlPlane) -> None:
                         .get("content", {}).values()]:
                 assert ref.rsplit("/", 1)[1] in spec["components"]["schemas"]
     assert set(REQUEST_SCHEMAS) <= set(spec["components"]["schemas"])
+    for path, item in spec["paths"].items():
+        declared = {p["name"] for p in item.get("parameters", ()) if p["in"] == "path"}
+        assert declared == set(re.findall(r"\{(\w+)\}", path)), path
+    refs = re.findall(r'"#/components/schemas/(\w+)"', orjson.dumps(spec).decode())
+    assert set(refs) <= set(spec["components"]["schemas"])
 
 
 async def test_probes_metrics_and_proxy_placeholder(cp: ControlPlane) -> None:

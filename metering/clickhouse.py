@@ -5,9 +5,9 @@ are cached here and reused; async callers go through `run_blocking`, which also 
 calls because one chDB handle is not safe to share between threads. Opening a different
 chDB directory closes the cached clients first, which is what lets each test own a directory.
 
-The read-only client is a separate handle because chDB keeps query-level settings on the
-session: a single `readonly=1` query would turn the shared writer read-only for good. Its
-limits are set before `readonly`, since a read-only session can no longer change settings.
+The read-only client is a separate handle because on chDB a query-level `readonly=1` sticks
+to the session: a single read-only query would turn the shared writer read-only for good.
+Its limits are set before `readonly`, since a read-only session can no longer change settings.
 """
 
 from __future__ import annotations

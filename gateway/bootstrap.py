@@ -72,11 +72,15 @@ def migrate_control_plane(settings: Settings) -> str | None:
 
 def open_control_plane(settings: Settings) -> ControlPlane:
     """The ControlPlane on the configured store. The embedded SQLite file is migrated and
-    given the default plans first; a PostgreSQL store is left to `tollway migrate`."""
+    given the default plans first; a PostgreSQL store is left to `tollway migrate`.
+
+    Change notifications are published only to a configured Redis. An embedded Redis is not
+    started (or joined) for a one-off command: that costs over a second, and a running gateway
+    picks the change up anyway within `snapshot_check_s` through its audit-sequence check."""
     embedded = is_embedded_store(settings)
     if embedded:
         migrate_control_plane(settings)
-    cp = ControlPlane.open(settings)
+    cp = ControlPlane.open(settings, with_redis=settings.redis_url is not None)
     if embedded:
         seed(cp)
     return cp

@@ -43,6 +43,7 @@ PREFIX = "/admin/v1"
 MAX_PAGE = 500
 MAX_BODY = 1 << 20
 TENANT_ADMIN_FIELDS = frozenset({"settings", "metadata", "locale", "timezone"})
+PLATFORM_SETTINGS = frozenset({"dunning_days", "features"})
 PLAN_MEDIA = {
     "application/json": "json",
     "application/toml": "toml",
@@ -174,12 +175,28 @@ async def patch_tenant(request: Request) -> Response:
     if principal.role != "platform":
         reserved = sorted(set(body) - TENANT_ADMIN_FIELDS)
         if reserved:
-            raise Problem(403, f"only a platform admin may change {reserved[0]!r}",
-                          kind="forbidden", errors=[{"field": reserved[0], "message": "reserved"}])
+            raise _reserved(reserved[0])
+        if "settings" in body:
+            current = await run_in_threadpool(_get_tenant, _cp(request), tenant_id)
+            body["settings"] = _keep_platform_settings(current["settings"], body["settings"])
     tenant = await run_in_threadpool(
         lambda: tenants.update(_cp(request), tenant_id, actor=actor_of(principal), **body)
     )
     return json_response(tenant)
+
+
+def _reserved(field: str) -> Problem:
+    return Problem(403, f"only a platform admin may change {field!r}", kind="forbidden",
+                   errors=[{"field": field, "message": "reserved to platform admins"}])
+
+
+def _keep_platform_settings(current: dict[str, Any], proposed: dict[str, Any]) -> dict[str, Any]:
+    """A tenant admin replaces its settings but not the commercial ones (grace before
+    suspension, feature flags): changing them is refused, omitting them keeps them."""
+    for key in PLATFORM_SETTINGS:
+        if key in proposed and proposed[key] != current.get(key):
+            raise _reserved(f"settings.{key}")
+    return {**proposed, **{k: current[k] for k in PLATFORM_SETTINGS if k in current}}
 
 
 def _lifecycle(action: str) -> Handler:

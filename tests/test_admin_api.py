@@ -213,6 +213,14 @@ async def test_admin_tokens_and_tenant_scope(client: httpx.AsyncClient) -> None:
     patched = await client.patch(f"/tenants/{tid}", json={"settings": {}}, headers=headers)
     assert patched.status_code == 200, patched.text
     _problem(await client.patch(f"/tenants/{tid}", json={"name": "renamed"}, headers=headers), 403)
+    platform_set = await client.patch(f"/tenants/{tid}", json={"settings": {"dunning_days": 14}})
+    assert platform_set.json()["settings"] == {"dunning_days": 14}
+    branded = await client.patch(f"/tenants/{tid}", headers=headers,
+                                 json={"settings": {"branding": {"colour": "teal"}}})
+    assert branded.json()["settings"] == {"branding": {"colour": "teal"}, "dunning_days": 14}
+    refused = await client.patch(f"/tenants/{tid}", headers=headers,
+                                 json={"settings": {"dunning_days": 90}})
+    assert _problem(refused, 403)["errors"][0]["field"] == "settings.dunning_days"
     events = (await client.get("/audit", headers=headers)).json()["items"]
     assert events and {e["tenant_id"] for e in events} == {tid}
     _problem(await client.post("/admin-tokens", json={"name": "xyz", "role": "tenant"}), 422)

@@ -114,7 +114,8 @@ def usage(
     """The meter's value per window (starting in `tz`) and per declared dimension value."""
     if window not in WINDOWS:
         raise invalid(f"window must be one of {list(WINDOWS)}", "window")
-    table = source or pick_source(window, tz, start, end, grouped=bool(group_by))
+    needs_dims = bool(group_by) or meter.dim_key is not None
+    table = source or pick_source(window, tz, start, end, grouped=needs_dims)
     col = "time" if table == RAW_TABLE else "bucket"
     groups = [_dimension(meter, d, i) for i, d in enumerate(group_by)]
     period = _PERIOD[window].format(c=col)
@@ -142,7 +143,7 @@ def total(
     client: Client, meter: Meter, tenant_id: str, start: datetime, end: datetime,
     source: str | None = None,
 ) -> Decimal:
-    table = source or pick_source(None, "UTC", start, end)
+    table = source or pick_source(None, "UTC", start, end, grouped=meter.dim_key is not None)
     col = "time" if table == RAW_TABLE else "bucket"
     sql = f"SELECT {_value(meter, table)} FROM {table} WHERE {_where(col)}"  # noqa: S608
     rows = client.query(sql, parameters=_params(meter, tenant_id, start, end)).result_rows

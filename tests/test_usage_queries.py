@@ -158,6 +158,10 @@ def test_aggregations(ch: Client, meters: dict[str, Meter]) -> None:
     assert got["disk"] == 3
     assert got["storage_gb"] == 12
     assert got["tokens"] == 0
+    # minute-aligned range: a dims-based meter cannot use the dimensionless minute rollup
+    odd_end = at + timedelta(minutes=7)
+    assert total(ch, custom["teams"], "t1", REF, odd_end) == 2
+    assert usage(ch, custom["teams"], "t1", REF, odd_end, "hour", "Asia/Kolkata")[-1].value == 2
 
 
 def test_quota_summary_and_report() -> None:

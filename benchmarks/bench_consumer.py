@@ -6,13 +6,17 @@ Phase 2 (latency): a UsageEmitter emits at a fixed rate while run_worker consume
 same process; write→queryable = ingested_at − time per row (ingested_at is set by the insert
 that made the row visible), reported as p50/p99 from ClickHouse.
 
-    .venv/bin/python benchmarks/bench_consumer.py --events 200000 --batch 5000
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_consumer.py --events 200000 --batch 20000
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_consumer.py --decode python --skip-latency
+
+Worker process CPU is user+sys of the whole process (chDB's threads included) per event.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -59,21 +63,32 @@ def prefill(url: str, n: int, shards: int) -> None:
     client.close()
 
 
-async def throughput(url: str, settings_kw: dict[str, object], n: int, batch: int) -> float:
+async def throughput(
+    url: str, settings_kw: dict[str, object], n: int, batch: int, in_clickhouse: bool
+) -> float:
     settings = load_settings(env={}, **settings_kw)  # type: ignore[arg-type]
     ch = clickhouse.connect(settings)
     migrate(ch, settings)
     client = aioredis.Redis.from_url(url)
     consumer = UsageConsumer(
-        client, ch, shards=settings.usage_shards, name="bench", batch=batch, claim_idle_ms=60_000
+        client,
+        ch,
+        shards=settings.usage_shards,
+        name="bench",
+        batch=batch,
+        claim_idle_ms=60_000,
+        decode_in_clickhouse=in_clickhouse,
     )
     await consumer.setup()
     prefill(url, n, settings.usage_shards)
+    cpu = os.times()
     started = time.perf_counter()
     done = 0
     while done < n:
         done += await consumer.poll()
     elapsed = time.perf_counter() - started
+    used = os.times()
+    cpu_us = 1e6 * (used.user - cpu.user + used.system - cpu.system) / n
     rows = ch.query("SELECT count() FROM usage_events").result_rows[0][0]
     assert rows == n, (rows, n)
     await client.aclose()
@@ -81,7 +96,7 @@ async def throughput(url: str, settings_kw: dict[str, object], n: int, batch: in
     count = REGISTRY.get_sample_value("tollway_usage_insert_seconds_count") or 0.0
     print(  # insert time includes waiting for the process's one ClickHouse handle
         f"  {count:.0f} inserts, mean {1000 * total_s / max(count, 1):.1f} ms, "
-        f"{total_s:.2f} s of {elapsed:.2f} s"
+        f"{total_s:.2f} s of {elapsed:.2f} s; worker process CPU {cpu_us:.1f} µs/event"
     )
     return n / elapsed
 
@@ -138,6 +153,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--rate", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--decode",
+        choices=["clickhouse", "python"],
+        default="clickhouse",
+        help="phase 1 only: where events are decoded (python = the path before insert_lines.sql)",
+    )
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     redis.Redis.from_url(args.redis).flushdb()
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,10 +169,16 @@ def main() -> None:
             "clickhouse_url": f"chdb://{tmp}/chdb",
             "usage_batch": args.batch,
         }
-        rate = asyncio.run(throughput(args.redis, kw, args.events, args.batch))
-        print(f"throughput: {args.events} events, batch {args.batch}: {rate:,.0f} events/s")
+        in_ch = args.decode == "clickhouse"
+        rate = asyncio.run(throughput(args.redis, kw, args.events, args.batch, in_ch))
+        print(
+            f"throughput ({args.decode} decodes): {args.events} events, batch {args.batch}: "
+            f"{rate:,.0f} events/s"
+        )
         clickhouse.close()
     redis.Redis.from_url(args.redis).flushdb()
+    if args.skip_latency:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         kw = {
             "data_dir": Path(tmp) / "data",

@@ -6,6 +6,10 @@ the deletion of its record (MULTI). Every pending entry therefore belongs to a r
 and a redelivered entry is handled by rebuilding its whole range with XRANGE and inserting it
 again under the same token: ClickHouse drops the repeated block. docs/usage-pipeline.md has
 the full argument.
+
+On chDB a batch reaches ClickHouse as its payloads joined by newlines, and ClickHouse decodes
+it (insert_lines.sql): Python touches no event. A batch with any line not in the exact shape
+UsageEvent.to_bytes writes is decoded here instead, under the same token.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from decimal import Decimal
@@ -20,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from clickhouse_connect.driver._chdbclient import ChdbClient
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ResponseError
 
@@ -34,6 +41,37 @@ GROUP = "tollway-metering"
 DLQ_STREAM = "{tollway:usage:dlq}"
 SOURCE = "gateway"
 READ_SCRIPT = (Path(__file__).parent / "read_batch.lua").read_text()
+
+# The exact bytes UsageEvent.to_bytes (orjson) writes: keys in its order, no whitespace, strings
+# without \u escapes or raw control characters, numbers in plain JSON form within the column
+# ranges. orjson accepts every such line and reads the same values ClickHouse does, so a line
+# that matches is stored the same by either path; anything else goes to the Python path.
+_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])'
+_STR = rf'"{_CHAR}*"'
+_UINT64 = r"(?:0|[1-9][0-9]{0,18})"
+CANONICAL_EVENT = (
+    r'^\{"event_id":"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"'
+    rf',"tenant_id":"{_CHAR}+","meter":"{_CHAR}+","subject":{_STR}'
+    r',"time":[1-9][0-9]{0,12}'
+    r',"units":"-?(?:0|[1-9][0-9]{0,28})(?:\.[0-9]{1,9})?"'
+    rf',"route":{_STR},"method":{_STR}'
+    r',"status":(?:0|[1-9][0-9]{0,4})'
+    r',"latency_ms":-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,2})?'
+    rf',"bytes_in":{_UINT64},"bytes_out":{_UINT64}'
+    rf',"dims":\{{(?:{_STR}:{_STR}(?:,{_STR}:{_STR})*)?\}}\}}$'
+)
+
+
+def _quote(text: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+INSERT_LINES = (
+    (Path(__file__).parent / "insert_lines.sql")
+    .read_text()
+    .replace("{shape}", _quote(CANONICAL_EVENT))
+)
 
 STORED = Counter("tollway_usage_events_stored", "Usage events inserted into ClickHouse")
 DEAD_LETTERED = Counter("tollway_usage_events_dead_lettered", "Malformed usage events set aside")
@@ -63,6 +101,10 @@ DeadEntry = tuple[bytes, bytes, str]
 
 def batches_key(stream: str) -> str:
     return f"{stream}:batches"
+
+
+def _token(stream: str, ids: Sequence[bytes]) -> str:
+    return f"{stream}:{ids[0].decode()}-{ids[-1].decode()}"
 
 
 def _sid(raw: bytes | str) -> tuple[int, int]:
@@ -107,6 +149,7 @@ class UsageConsumer:
         name: str,
         batch: int,
         claim_idle_ms: int,
+        decode_in_clickhouse: bool = True,
     ) -> None:
         self._redis = client
         self._clickhouse = clickhouse
@@ -115,6 +158,8 @@ class UsageConsumer:
         self.name = name
         self._batch = batch
         self._claim_idle_ms = claim_idle_ms
+        # A ClickHouse server cannot read this process's files: it gets the Python path.
+        self._decode_in_clickhouse = decode_in_clickhouse and isinstance(clickhouse, ChdbClient)
 
     async def setup(self) -> None:
         for stream in self.streams:
@@ -135,27 +180,77 @@ class UsageConsumer:
             )
         replies = await pipe.execute()
         handled = 0
-        for stream, entries in zip(self.streams, replies, strict=True):
-            if entries:
-                await self.store(stream, entries)
-                handled += len(entries)
+        for stream, reply in zip(self.streams, replies, strict=True):
+            if reply:
+                ids, payloads = reply
+                lines = b"\n".join(payloads) if payloads else None
+                if not await self._insert_lines(stream, ids, lines):
+                    await self._insert_entries(stream, await self._entries(stream, ids))
+                await self.ack(stream, ids)
+                handled += len(ids)
         return handled
 
     async def read(self, stream: str) -> list[Entry]:
         """Deliver and record one batch of `stream` to this consumer (the first step of poll)."""
-        entries = await self._read_script(
+        reply = await self._read_script(
             keys=[stream, batches_key(stream)], args=[GROUP, self.name, self._batch]
         )
-        return list(entries or [])
+        return await self._entries(stream, reply[0]) if reply else []
+
+    async def _entries(self, stream: str, ids: Sequence[bytes]) -> list[Entry]:
+        """A delivered batch's entries: the stream range it was recorded as."""
+        entries: Any = await self._redis.xrange(stream, ids[0], ids[-1])
+        # Pending but deleted from the stream by someone else: dead-letter the ids.
+        return list(entries) or [(entry_id, None) for entry_id in ids]
 
     async def store(self, stream: str, entries: Sequence[Entry]) -> None:
         await self.insert(stream, entries)
-        await self.ack(stream, entries)
+        await self.ack(stream, [entry_id for entry_id, _ in entries])
 
     async def insert(self, stream: str, entries: Sequence[Entry]) -> None:
         """Insert a recorded batch under its range token; dead-letter what cannot be stored."""
-        first, last = entries[0][0], entries[-1][0]
-        token = f"{stream}:{first.decode()}-{last.decode()}"
+        payloads = [_payload(fields) for _, fields in entries]
+        lines = None if None in payloads else b"\n".join(p for p in payloads if p is not None)
+        ids = [entry_id for entry_id, _ in entries]
+        if not await self._insert_lines(stream, ids, lines):
+            await self._insert_entries(stream, entries)
+
+    async def ack(self, stream: str, ids: Sequence[bytes]) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.hdel(batches_key(stream), ids[0])
+        await pipe.execute()
+
+    async def _insert_lines(self, stream: str, ids: Sequence[bytes], lines: bytes | None) -> bool:
+        """The fast path: ClickHouse decodes the batch. False if it does not apply or a line was
+        refused; a refused INSERT has written nothing, so the Python path reuses the token."""
+        if not self._decode_in_clickhouse or lines is None or lines.count(b"\n") != len(ids) - 1:
+            return False  # without one line per entry, row i would not be entry i
+        BATCH_SIZE.observe(len(ids))
+        started = time.perf_counter()
+        try:
+            await run_blocking(self._insert_file, _token(stream, ids), lines)
+        except DatabaseError as exc:
+            log.info("%s batch %s: decoding in Python (%s)", stream, ids[0], exc)
+            return False
+        INSERT_SECONDS.observe(time.perf_counter() - started)
+        STORED.inc(len(ids))
+        return True
+
+    def _insert_file(self, token: str, lines: bytes) -> None:
+        """chDB reads the lines from a file, as there is no request body to stream them in. The
+        file never has a name (O_TMPFILE), so a killed worker leaves nothing behind; chDB runs
+        in this process and opens it as /dev/fd/N."""
+        with tempfile.TemporaryFile() as file:
+            file.write(lines)
+            file.flush()
+            path = f"/dev/fd/{file.fileno()}"
+            sql = INSERT_LINES.replace("{path}", _quote(path)).replace("{token}", _quote(token))
+            self._clickhouse.command(sql)
+
+    async def _insert_entries(self, stream: str, entries: Sequence[Entry]) -> None:
+        """The Python path: decode and check each entry, dead-letter the bad ones."""
+        token = _token(stream, [entries[0][0], entries[-1][0]])
         columns, dead = self._columns(entries)
         BATCH_SIZE.observe(len(entries))
         if dead:
@@ -175,16 +270,24 @@ class UsageConsumer:
             INSERT_SECONDS.observe(time.perf_counter() - started)
             STORED.inc(len(columns[0]))
 
-    async def ack(self, stream: str, entries: Sequence[Entry]) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.xack(stream, GROUP, *(entry_id for entry_id, _ in entries))
-        pipe.hdel(batches_key(stream), entries[0][0])
-        await pipe.execute()
-
     def _columns(self, entries: Sequence[Entry]) -> tuple[list[list[Any]], list[DeadEntry]]:
         columns: list[list[Any]] = [[] for _ in RAW_COLUMNS]
-        (c_id, c_tenant, c_meter, c_subject, c_time, c_units, c_route, c_method, c_status,
-         c_latency, c_in, c_out, c_dims, c_source) = columns
+        (
+            c_id,
+            c_tenant,
+            c_meter,
+            c_subject,
+            c_time,
+            c_units,
+            c_route,
+            c_method,
+            c_status,
+            c_latency,
+            c_in,
+            c_out,
+            c_dims,
+            c_source,
+        ) = columns
         dead: list[DeadEntry] = []
         for entry_id, fields in entries:
             raw = _payload(fields)

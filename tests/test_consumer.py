@@ -15,6 +15,8 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from metering import clickhouse
@@ -313,3 +315,200 @@ async def test_embedded_redis_6_2_without_lag_field(tmp_path: Path, ch: Any) -> 
         await _assert_settled(client)
     finally:
         await client.aclose()
+
+
+# --- ClickHouse decodes the batch (insert_lines.sql); the Python path is the reference -------
+
+_ROW = (
+    "SELECT toString(event_id), tenant_id, meter, subject, time, toString(units), route, "
+    "method, status, latency_ms, bytes_in, bytes_out, dims, source FROM usage_events "
+    "ORDER BY event_id, tenant_id"
+)
+
+
+async def _outcome(
+    aredis: aioredis.Redis, ch: Any, payloads: list[bytes], *, in_clickhouse: bool
+) -> tuple[list[Any], list[tuple[bytes, bytes]]]:
+    """Rows stored and (reason, payload) dead-lettered when one batch holds `payloads`."""
+    ch.command("TRUNCATE TABLE usage_events")
+    await aredis.delete(DLQ_STREAM)
+    consumer = UsageConsumer(
+        aredis,
+        ch,
+        shards=1,
+        name="w",
+        batch=len(payloads),
+        claim_idle_ms=60_000,
+        decode_in_clickhouse=in_clickhouse,
+    )
+    await consumer.setup()
+    pipe = aredis.pipeline(transaction=False)
+    for payload in payloads:
+        pipe.xadd(stream_key(0), {FIELD: payload})
+    await pipe.execute()
+    assert await consumer.poll() == len(payloads)
+    letters: Any = await aredis.xrange(DLQ_STREAM)
+    return ch.query(_ROW).result_rows, [(f[b"reason"], f[b"e"]) for _, f in letters]
+
+
+def _good(**changes: Any) -> UsageEvent:
+    event = UsageEvent(
+        tenant_id="t1",
+        meter="requests",
+        subject="key_1",
+        time_ms=1_764_000_000_123,
+        units=Decimal("2.5"),
+        route="/v1/items/{id}",
+        method="GET",
+        status=200,
+        latency_ms=3.25,
+        bytes_in=120,
+        bytes_out=2048,
+        dims={"region": "eu-west-1"},
+    )
+    for name, value in changes.items():
+        setattr(event, name, value)
+    return event
+
+
+def _doc(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(_good().to_bytes())
+    doc.update(changes)
+    return doc
+
+
+# Payloads that ClickHouse's own JSON reader would take differently from orjson, or values the
+# Python path rejects; each must end exactly as the Python path alone leaves it.
+_TRICKY: dict[str, bytes] = {
+    "leading zero": _good().to_bytes().replace(b'"status":200', b'"status":0200'),
+    "plus sign": _good().to_bytes().replace(b'"status":200', b'"status":+200'),
+    "quoted time": orjson.dumps(_doc(time="1764000000123")),
+    "float time": _good().to_bytes().replace(b'"time":1764000000123', b'"time":1.764e12'),
+    "duplicate key, last wins": _good().to_bytes()[:-1] + b',"tenant_id":"t2"}',
+    "two documents on one line": _good().to_bytes() + _good().to_bytes(),
+    "raw newline in a string": _good().to_bytes().replace(b"key_1", b"key\n1"),
+    "escaped newline in a string": orjson.dumps(_doc(subject='key\n1\t"q"\\')),
+    "unicode escape": _good().to_bytes().replace(b"key_1", b"key\\u00e91"),
+    "raw unicode": orjson.dumps(_doc(subject="kéy_☃", dims={"città": "Zürich"})),
+    "invalid utf-8": _good().to_bytes().replace(b"key_1", b"key\xff1"),
+    "lone surrogate": _good().to_bytes().replace(b"key_1", b"key\\ud8001"),
+    "whitespace": orjson.dumps(_doc(), option=orjson.OPT_INDENT_2).replace(b"\n", b" "),
+    "keys reordered": orjson.dumps(dict(reversed(list(_doc().items())))),
+    "unknown field": orjson.dumps({**_doc(), "extra": 1}),
+    "missing optional fields": orjson.dumps(
+        {k: v for k, v in _doc().items() if k in ("event_id", "tenant_id", "meter", "time")}
+    ),
+    "NaN": _good().to_bytes().replace(b'"latency_ms":3.25', b'"latency_ms":NaN'),
+    "huge latency exponent": _good().to_bytes().replace(b"3.25", b"3.25e999"),
+    "status out of UInt16": orjson.dumps(_doc(status=70000)),
+    "negative bytes": orjson.dumps(_doc(bytes_in=-1)),
+    "bytes above UInt64": orjson.dumps(_doc(bytes_out=str(2**64))),
+    "units: 10 decimals": orjson.dumps(_doc(units="0.0000000001")),
+    "units: infinite": orjson.dumps(_doc(units="Infinity")),
+    "units: exponent": orjson.dumps(_doc(units="1E+3")),
+    "units: 30 digits": orjson.dumps(_doc(units="1" * 30)),
+    "units: number": orjson.dumps(_doc(units=2.5)),
+    "negative units": orjson.dumps(_doc(units="-1.000000001")),
+    "17 dims": orjson.dumps(_doc(dims={f"k{i}": "v" for i in range(17)})),
+    "duplicate dim keys": _good()
+    .to_bytes()
+    .replace(b'{"region":"eu-west-1"}', b'{"region":"a","region":"b"}'),
+    "dim value of 129 characters": orjson.dumps(_doc(dims={"k": "é" * 129})),
+    "dim value of 128 characters": orjson.dumps(_doc(dims={"k": "é" * 128})),
+    "dim value not a string": orjson.dumps(_doc(dims={"k": 1})),
+    "null dims": orjson.dumps(_doc(dims=None)),
+    "empty tenant": orjson.dumps(_doc(tenant_id="")),
+    "event_id not a UUID": orjson.dumps(_doc(event_id="nope")),
+    "event_id in capitals": orjson.dumps(_doc(event_id=_good().event_id.upper())),
+    "time past 2286": orjson.dumps(_doc(time=10_000_000_000_000)),
+    "empty payload": b"",
+    "not an object": b"[1]",
+}
+
+
+@pytest.mark.parametrize("name", list(_TRICKY))
+async def test_clickhouse_decoding_stores_exactly_what_python_decoding_stores(
+    name: str, aredis: aioredis.Redis, ch: Any
+) -> None:
+    batch = [_good().to_bytes(), _TRICKY[name], _good(tenant_id="t3").to_bytes()]
+    fast = await _outcome(aredis, ch, batch, in_clickhouse=True)
+    reference = await _outcome(aredis, ch, batch, in_clickhouse=False)
+    assert fast == reference
+    assert len(fast[0]) >= 2
+
+
+async def test_a_canonical_batch_is_decoded_by_clickhouse_with_python_values(
+    aredis: aioredis.Redis, ch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = [
+        _good(subject='a"b\\c\n', units=Decimal("-0.000001"), latency_ms=1e-7, dims={}),
+        _good(units=Decimal("12345678901234567890123456789.123456789"), bytes_out=10**19 - 1),
+        _good(status=65535, latency_ms=123456.789, dims={f"k{i}": "v" for i in range(16)}),
+        _good(tenant_id="é☃", meter="m", route="", method="", status=0, latency_ms=0.0),
+    ]
+    payloads = [event.to_bytes() for event in events]
+    with caplog.at_level("INFO", logger="tollway.metering"):
+        fast = await _outcome(aredis, ch, payloads, in_clickhouse=True)
+    assert "decoding in Python" not in caplog.text
+    assert fast == await _outcome(aredis, ch, payloads, in_clickhouse=False)
+    assert len(fast[0]) == len(events) and not fast[1]
+
+
+# What ClickHouse decodes: no control characters (written as \u escapes) or lone surrogates
+# (orjson cannot write them), and units that str(Decimal) writes without an exponent. The
+# parametrized cases above cover what takes the Python path.
+_CHARS = st.characters(blacklist_categories=["Cc", "Cs"])
+_TEXT = st.text(_CHARS, max_size=20)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.builds(
+            _good,
+            subject=_TEXT,
+            units=st.decimals(min_value=-(10**12), max_value=10**12, places=6),
+            latency_ms=st.floats(allow_nan=False, allow_infinity=False, width=32),
+            bytes_in=st.integers(0, 10**19 - 1),
+            dims=st.dictionaries(_TEXT, st.text(_CHARS, max_size=128), max_size=16),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_any_event_is_stored_the_same_by_either_path(
+    redis_url: str, ch: Any, events: list[UsageEvent]
+) -> None:
+    async def both() -> tuple[Any, Any]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            payloads = [event.to_bytes() for event in events]
+            fast = await _outcome(client, ch, payloads, in_clickhouse=True)
+            return fast, await _outcome(client, ch, payloads, in_clickhouse=False)
+        finally:
+            await client.aclose()
+
+    fast, reference = asyncio.run(both())
+    assert fast == reference
+
+
+async def test_a_refused_clickhouse_insert_writes_nothing(
+    aredis: aioredis.Redis, redis_client: redis.Redis, ch: Any
+) -> None:
+    """The fallback reuses the token, so a partly written block would hide the rest of the
+    batch as a duplicate. Small read blocks put the bad last line in a later block."""
+    ch.set_client_setting("max_block_size", 256)
+    consumer = _consumer(aredis, ch, "w1", batch=3000)
+    await consumer.setup()
+    stream = stream_key(0)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(2999):
+        pipe.xadd(stream, {FIELD: _good(time_ms=1_764_000_000_000 + i).to_bytes()})
+    pipe.xadd(stream, {FIELD: orjson.dumps(_doc(status=70000))})
+    pipe.execute()
+    assert await consumer.poll() == 3000
+    assert _counts(ch) == (2999, 2999)
+    assert len(_xrange(redis_client, DLQ_STREAM)) == 1
+    await _assert_settled(aredis)

@@ -1,0 +1,183 @@
+"""Metrics and the access log of the proxied hot path.
+
+Metrics live on prometheus_client's default registry, which /metrics already serves. Label
+values are bounded: status as a class (`2xx`...), and the tenant only for an allow-list fixed
+per snapshot (`TenantLabels`); everyone else is `other`, and a request refused before its
+tenant is known is `none`. Per-tenant series for every tenant would grow with the customer
+base and take Prometheus down with it.
+
+Metrics other modules already export are not repeated here: the snapshot age
+(`tollway_snapshot_age_seconds`, snapshot_refresher), the spool size and usage counters
+(usage_emitter), degraded admissions and Redis failures (admission), tenant mismatches
+(resolution).
+
+The access log is one JSON line per request on the `tollway.access` logger: the gateway
+builds one dict and the formatter makes one `orjson.dumps` of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+
+import orjson
+from prometheus_client import Counter, Histogram
+
+from gateway.admission import Decision
+from gateway.snapshot import Snapshot
+
+METRICS_TENANTS = 100  # tenants with their own label value; the rest share "other"
+METRICS_FLAG = "metrics_label"  # tenant settings.features flag that claims a label first
+OTHER = "other"
+NO_TENANT = "none"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_REDIS_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+REQUESTS = Counter(
+    "tollway_gateway_requests",
+    "Proxied-path requests answered, by status class and (bounded) tenant",
+    ["status_class", "tenant"],
+)
+LATENCY = Histogram(
+    "tollway_gateway_request_seconds",
+    "Time from the request's arrival to its last response byte, by status class and tenant",
+    ["status_class", "tenant"],
+    buckets=_LATENCY_BUCKETS,
+)
+OVERHEAD = Histogram(
+    "tollway_gateway_overhead_seconds",
+    "The gateway's own share of a proxied request: total time minus the upstream's time",
+    buckets=_OVERHEAD_BUCKETS,
+)
+ADMISSIONS = Counter(
+    "tollway_gateway_admission_decisions",
+    "Admission outcomes: allowed, limited (429) or unavailable (503), by violated policy and "
+    "whether Redis was consulted",
+    ["outcome", "policy", "degraded"],
+)
+ADMISSION_SECONDS = Histogram(
+    "tollway_gateway_admission_seconds",
+    "Time of the admission call: the Redis round trip, or the local decision without it",
+    buckets=_REDIS_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "tollway_gateway_upstream_errors",
+    "Upstream failures: connect (502 before a response), timeout (504), cut (response broken "
+    "off mid-body)",
+    ["kind"],
+)
+_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def status_class(status: int) -> str:
+    return _CLASSES[status // 100] if 0 < status < 600 else "5xx"
+
+
+class TenantLabels:
+    """The tenants that get their own label value, chosen once per snapshot: those whose
+    settings set `features.metrics_label`, then the rest in id order, up to METRICS_TENANTS.
+    The label is the tenant id (names change and collide; ids do not)."""
+
+    __slots__ = ("_labelled", "limit")
+
+    def __init__(self, limit: int = METRICS_TENANTS) -> None:
+        self.limit = limit
+        self._labelled: frozenset[str] = frozenset()
+
+    def update(self, snapshot: Snapshot) -> None:
+        ranked = sorted(snapshot.tenants.values(), key=lambda t: (not _flagged(t.settings), t.id))
+        self._labelled = frozenset(t.id for t in ranked[: self.limit])
+
+    def label(self, tenant_id: str | None) -> str:
+        if tenant_id is None:
+            return NO_TENANT
+        return tenant_id if tenant_id in self._labelled else OTHER
+
+
+def _flagged(settings: Mapping[str, object]) -> bool:
+    features = settings.get("features")
+    return isinstance(features, dict) and features.get(METRICS_FLAG) is True
+
+
+class RequestMetrics:
+    """Records one request; label children are cached, since `labels()` costs a lock and a
+    validation per call."""
+
+    __slots__ = ("_admissions", "_children")
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._admissions: dict[tuple[str, str, bool], Counter] = {}
+
+    def request(self, status: int, tenant_label: str, seconds: float,
+                upstream_s: float | None) -> None:
+        key = (status_class(status), tenant_label)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) > 4 * (METRICS_TENANTS + 2) * len(_CLASSES):
+                self._children.clear()  # only if the allow-list changed many times over
+            children = self._children[key] = (REQUESTS.labels(*key), LATENCY.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
+        if upstream_s is not None:
+            OVERHEAD.observe(max(0.0, seconds - upstream_s))
+
+    def admission(self, decision: Decision, seconds: float) -> None:
+        ADMISSION_SECONDS.observe(seconds)
+        key = (
+            "allowed" if decision.allowed else ("limited" if decision.status == 429
+                                                else "unavailable"),
+            decision.violated or "",
+            decision.degraded,
+        )
+        child = self._admissions.get(key)
+        if child is None:
+            child = self._admissions[key] = ADMISSIONS.labels(key[0], key[1],
+                                                              "true" if key[2] else "false")
+        child.inc()
+
+
+def upstream_error(kind: str) -> None:
+    UPSTREAM_ERRORS.labels(kind).inc()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. A record whose message is a dict (the access log) is dumped
+    as is; any other record becomes {ts, level, logger, msg[, exc]}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.msg, dict) and not record.args:
+            return orjson.dumps(record.msg).decode()
+        doc: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+access_log = logging.getLogger("tollway.access")
+
+
+def setup_access_log(level: int = logging.INFO) -> None:
+    """INFO on stderr as JSON lines, unless the process already gave the logger a handler."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        access_log.addHandler(handler)
+        access_log.propagate = False
+    access_log.setLevel(level)
+
+
+def log_access(doc: dict[str, object]) -> None:
+    if access_log.isEnabledFor(logging.INFO):
+        doc["ts"] = round(time.time(), 3)
+        access_log.info(doc)

@@ -126,6 +126,13 @@ async def make_stack(cp: ControlPlane, tmp_path: Any, **overrides: Any) -> Async
     transport = httpx.ASGITransport(app=gateway)
     client = httpx.AsyncClient(transport=transport, base_url="http://gw.test", timeout=10)
     hot = redis.Redis.from_url(str(settings.redis_url))
+    # Wait for the change listener to subscribe: redis-py 8.1 can hang a task cancelled in
+    # the middle of connecting, and Gateway.close would then wait CLOSE_REFRESHER_S for it.
+    for _ in range(200):
+        if dict(hot.pubsub_numsub(settings.change_channel)).get(
+                settings.change_channel.encode()):
+            break
+        await asyncio.sleep(0.01)
     try:
         yield Stack(cp, settings, gateway, client, hot)
     finally:

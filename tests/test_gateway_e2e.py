@@ -117,9 +117,10 @@ class Stack:
 async def make_stack(cp: ControlPlane, tmp_path: Any, **overrides: Any) -> AsyncIterator[Stack]:
     """Start a Gateway on `cp`'s store and Redis (tenants must exist already: the snapshot
     is loaded at start) and yield it with an httpx client bound to it."""
+    # a generous admission timeout: a loaded CI machine must not turn into a Redis outage
+    overrides = {"redis_timeout_ms": 1000, **overrides}
     settings = dataclasses.replace(
-        cp.settings, tenant_signing_keys=(SIGNING_KEY,), data_dir=tmp_path / "gw",
-        redis_timeout_ms=1000, **overrides,
+        cp.settings, tenant_signing_keys=(SIGNING_KEY,), data_dir=tmp_path / "gw", **overrides,
     )
     gateway = Gateway.from_settings(settings, cp.engine)
     await gateway.start()

@@ -39,6 +39,10 @@ from tenancy.settings import Settings, load_settings
 log = logging.getLogger("tollway.server")
 
 
+# How long a worker gets after SIGTERM to drain requests and let the in-process metering
+# consumer finish its batch before granian kills it: shutdown is bounded, never a hang.
+SHUTDOWN_GRACE_S = 30
+
 # granian logs to stdout by default; stdout is kept for what serve prints (the summary and a
 # new admin token, or the --json document) so scripts can read it.
 LOG_TO_STDERR = {
@@ -112,11 +116,13 @@ def _granian(
     server: MPServer | MTServer = Granian(
         target, address=host, port=port, interface=Interfaces.ASGI, workers=workers,
         factory=True, log_level=level, log_dictconfig=LOG_TO_STDERR,
+        workers_kill_timeout=SHUTDOWN_GRACE_S,
     )
     return server
 
 
 def _serve_admin(host: str, port: int, log_level: str) -> None:
+    multiprocessing.set_start_method("spawn", force=True)
     _granian("gateway.server:admin_worker_app", host, port, 1, log_level).serve()
 
 

@@ -13,7 +13,8 @@ a `Gateway` in this process. Then, for each concurrency `c`, it times `n` GETs:
 
 No HTTP server sits in front of the Gateway, so the difference is the gateway's own cost
 (including its one Redis round trip), not a client-side HTTP parse. Prints µs per request,
-the added µs and the ratio, and the admission call's mean time from the gateway's histogram.
+the added µs and the ratio, the admission call's mean time from the gateway's histogram, and
+a bare redis-py PING round trip for reference.
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ async def measure(gateway: Gateway, upstream: str, secret: str, n: int,
         await asyncio.gather(*(worker() for _ in range(c)))
         return (time.perf_counter() - started) / (per * c)
 
+    async def ping() -> None:
+        await gateway.admission.client.ping()
+
+    await timed(ping, 200, 1)
+    print(f"reference: one redis-py PING round trip {await timed(ping, n, 1) * 1e6:.1f} µs")
     for c in concurrencies:
         await timed(direct, min(n, 500), c)  # warm the pool and both paths
         await timed(through, min(n, 500), c)

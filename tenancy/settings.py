@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,8 @@ def load_settings(
     env = dict(os.environ if env is None else env)
     types = _field_types()
     values: dict[str, Any] = {}
-    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env else None)
+    named = env.get(ENV_PREFIX + "CONFIG")
+    path = config_file or (Path(named) if named else None)
     if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
         path = Path(DEFAULT_CONFIG_FILE)
     if path is not None:

@@ -113,7 +113,9 @@ admin_tokens = Table(
 audit_events = Table(
     "audit_events",
     metadata,
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("id", String(36), nullable=False, unique=True),
     Column("at", DateTime(timezone=True), nullable=False),
     Column("actor", String(120), nullable=False),

@@ -284,7 +284,8 @@ def _aware(when: datetime | None) -> datetime | None:
 
 
 def _public(row: Mapping[Any, Any], hosts: list[str]) -> dict[str, Any]:
-    out = {k: (_utc(v).isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+    # str(k): SQLAlchemy hands back quoted_name keys, a str subclass JSON encoders refuse.
+    out = {str(k): (_utc(v).isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
     out["domains"] = hosts
     return out
 

@@ -404,3 +404,21 @@ async def test_big_response_streams_through(world: World, upstream: Upstream) ->
     await world.stack.gateway.emitter.flush()
     [event] = events(world.stack, world.ids["acme"])
     assert event.bytes_out == n
+
+
+async def test_metrics_tenant_labels_are_an_allow_list(
+    sqlite_cp: ControlPlane, tmp_path: Any, upstream: Upstream
+) -> None:
+    from gateway.observability import OTHER, TenantLabels
+
+    plans.apply(sqlite_cp, {"plans": PLANS}, "test")
+    plain, _ = new_tenant(sqlite_cp, "aaa", "roomy", upstream.url)
+    flagged, _ = new_tenant(sqlite_cp, "zzz", "roomy", upstream.url,
+                            settings={"features": {"metrics_label": True}})
+    async for stack in make_stack(sqlite_cp, tmp_path):
+        snapshot = stack.gateway.refresher.snapshot
+        one = TenantLabels(limit=1)
+        one.update(snapshot)
+        assert one.label(flagged) == flagged and one.label(plain) == OTHER
+        assert one.label(None) == "none"
+        assert stack.gateway.labels.label(plain) == plain  # default allow-list holds 100

@@ -14,7 +14,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from prometheus_client import REGISTRY
-from test_gateway_e2e import PLANS, Stack, Upstream, make_stack, new_tenant, sent_headers
+from test_gateway_e2e import (
+    PLANS,
+    Stack,
+    Upstream,
+    events,
+    make_stack,
+    new_tenant,
+    sent_headers,
+)
 
 from tenancy import plans
 from tenancy.controlplane import ControlPlane
@@ -167,3 +175,21 @@ async def test_two_credentials_for_different_tenants_are_refused(pair: Pair) -> 
         "X-API-Key": pair.key_a, "Authorization": f"Bearer {pair.key_b}"})
     assert r.status_code == 400
     assert pair.up_a.hits == 0 and pair.up_b.hits == 0
+
+
+async def test_invented_first_segments_cannot_mint_unbounded_route_templates(pair: Pair) -> None:
+    from gateway.routing import ANY, MAX_TEMPLATES
+
+    client = pair.stack.client
+    for i in range(MAX_TEMPLATES + 5):
+        r = await client.get(f"/seg{i}/123", headers={"X-API-Key": pair.key_a})
+        assert r.status_code == 200
+    r = await client.get("/9999/x", headers={"X-API-Key": pair.key_a})  # not a word
+    await pair.stack.gateway.emitter.flush()
+    routes = [e.route for e in events(pair.stack, pair.a)]
+    assert len(routes) == MAX_TEMPLATES + 6
+    assert len(set(routes)) == MAX_TEMPLATES + 1
+    assert routes[:2] == ["/seg0/*", "/seg1/*"] and routes[-6:] == [ANY] * 6
+    # another tenant's budget is its own
+    snapshot = pair.stack.gateway.refresher.snapshot
+    assert pair.stack.gateway.routing.template(snapshot.tenants[pair.b], "/seg99/1") == "/seg99/*"

@@ -65,7 +65,8 @@ def _default(value: Any) -> Any:
 
 
 def json_response(doc: Any, status: int = 200) -> Response:
-    body = orjson.dumps(doc, default=_default)
+    # NON_STR_KEYS: SQLAlchemy row keys are `quoted_name`, a str subclass orjson rejects.
+    body = orjson.dumps(doc, default=_default, option=orjson.OPT_NON_STR_KEYS)
     return Response(body, status_code=status, media_type="application/json")
 
 

@@ -183,8 +183,7 @@ class UsageConsumer:
         for stream, reply in zip(self.streams, replies, strict=True):
             if reply:
                 ids, payloads = reply
-                lines = b"\n".join(payloads) if payloads else None
-                if not await self._insert_lines(stream, ids, lines):
+                if not await self._insert_lines(stream, ids, payloads):
                     await self._insert_entries(stream, await self._entries(stream, ids))
                 await self.ack(stream, ids)
                 handled += len(ids)
@@ -209,10 +208,10 @@ class UsageConsumer:
 
     async def insert(self, stream: str, entries: Sequence[Entry]) -> None:
         """Insert a recorded batch under its range token; dead-letter what cannot be stored."""
-        payloads = [_payload(fields) for _, fields in entries]
-        lines = None if None in payloads else b"\n".join(p for p in payloads if p is not None)
         ids = [entry_id for entry_id, _ in entries]
-        if not await self._insert_lines(stream, ids, lines):
+        payloads = [_payload(fields) for _, fields in entries]
+        whole = [payload for payload in payloads if payload is not None]
+        if len(whole) < len(payloads) or not await self._insert_lines(stream, ids, whole):
             await self._insert_entries(stream, entries)
 
     async def ack(self, stream: str, ids: Sequence[bytes]) -> None:
@@ -221,12 +220,16 @@ class UsageConsumer:
         pipe.hdel(batches_key(stream), ids[0])
         await pipe.execute()
 
-    async def _insert_lines(self, stream: str, ids: Sequence[bytes], lines: bytes | None) -> bool:
+    async def _insert_lines(
+        self, stream: str, ids: Sequence[bytes], payloads: Sequence[bytes] | None
+    ) -> bool:
         """The fast path: ClickHouse decodes the batch. False if it does not apply or a line was
         refused; a refused INSERT has written nothing, so the Python path reuses the token."""
-        if not self._decode_in_clickhouse or lines is None or lines.count(b"\n") != len(ids) - 1:
-            return False  # without one line per entry, row i would not be entry i
-        BATCH_SIZE.observe(len(ids))
+        if not self._decode_in_clickhouse or not payloads:
+            return False
+        lines = b"\n".join(payloads)
+        if lines.count(b"\n") != len(ids) - 1:
+            return False  # a payload holds a newline: row i would not be entry i
         started = time.perf_counter()
         try:
             await run_blocking(self._insert_file, _token(stream, ids), lines)
@@ -234,6 +237,7 @@ class UsageConsumer:
             log.info("%s batch %s: decoding in Python (%s)", stream, ids[0], exc)
             return False
         INSERT_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(ids))
         STORED.inc(len(ids))
         return True
 

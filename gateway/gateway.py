@@ -35,7 +35,16 @@ from gateway.admission import QUOTA_GRACE_MS, Admission, Decision, Policy, month
 from gateway.forwarding import Header
 from gateway.jwt_auth import JwtVerifier
 from gateway.observability import RequestMetrics, TenantLabels
-from gateway.proxy import Proxy, ProxyResult, Receive, Scope, Send, check_limits, send_problem
+from gateway.proxy import (
+    CLIENT_CLOSED,
+    Proxy,
+    ProxyResult,
+    Receive,
+    Scope,
+    Send,
+    check_limits,
+    send_problem,
+)
 from gateway.resolution import Resolved, Resolver
 from gateway.routing import Routing, no_upstream
 from gateway.snapshot import Snapshot, TenantRecord
@@ -214,10 +223,14 @@ class Gateway:
                 upstream_headers=upstream_extra,
                 extra_response_headers=limit_headers,
             )
+        except BaseException as exc:  # cancelled (client gone, shutdown) or a bug: still logged
+            gone = isinstance(exc, asyncio.CancelledError)
+            self._done(scope, request_id, tenant, CLIENT_CLOSED if gone else 500, started, None,
+                       0, 0, "cancelled" if gone else "gateway-error")
+            raise
         finally:
             self.admission.release_later(tenant.id, decision.lease_id)
-            if result is None and upstream is not None:  # cancelled or crashed mid-proxy
-                self._done(scope, request_id, tenant, 500, started, None, 0, 0, "gateway-error")
+        assert result is not None
         self._proxied(scope, request_id, resolved, decision, result, now, started, month, reset_ms)
 
     def _proxied(

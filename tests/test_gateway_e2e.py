@@ -422,3 +422,20 @@ async def test_metrics_tenant_labels_are_an_allow_list(
         assert one.label(flagged) == flagged and one.label(plain) == OTHER
         assert one.label(None) == "none"
         assert stack.gateway.labels.label(plain) == plain  # default allow-list holds 100
+
+
+async def test_a_cancelled_request_still_returns_its_lease(
+    world: World, upstream: Upstream
+) -> None:
+    client, headers = world.stack.client, {"X-API-Key": world.secrets["solo"]}
+    slow = asyncio.create_task(client.get("/slow?sleep=5", headers=headers))
+    await asyncio.wait_for(upstream.arrived.wait(), 5)
+    slow.cancel()  # the client goes away; with ASGITransport the gateway call is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    for _ in range(50):
+        r = await client.get("/x", headers=headers)
+        if r.status_code == 200:
+            break
+        await asyncio.sleep(0.02)
+    assert r.status_code == 200  # not held until the 60 s lease TTL

@@ -8,14 +8,19 @@ Problem), 2 a usage or configuration error.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from datetime import datetime, timedelta
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -25,16 +30,29 @@ from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
 from tenancy.settings import Settings, load_settings
 
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+    from metering.analytics import Advice
+    from metering.export import Format
+    from metering.meters import Meter
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Tollway: a tenant-aware metering gateway.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Create, inspect and change tenants.")
 keys_app = typer.Typer(no_args_is_help=True, help="Tenant API keys.")
 plans_app = typer.Typer(no_args_is_help=True, help="Plans and their versions.")
 tokens_app = typer.Typer(no_args_is_help=True, help="Admin API tokens.")
+usage_app = typer.Typer(no_args_is_help=True,
+                        help="A tenant's usage: series, totals, quota, report, export, analytics.")
+analysts_app = typer.Typer(no_args_is_help=True,
+                           help="Read-only ClickHouse logins for tenant analysts (server mode).")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(plans_app, name="plans")
 app.add_typer(tokens_app, name="admin-tokens")
+app.add_typer(usage_app, name="usage")
+app.add_typer(analysts_app, name="analysts")
 
 Json = Annotated[bool, typer.Option("--json", help="Print only machine-readable JSON on stdout.")]
 TENANT_COLUMNS = ("id", "name", "status", "plan_id", "plan_version", "region", "created_at")
@@ -177,16 +195,76 @@ def migrate(ctx: typer.Context, as_json: Json = False) -> None:
 
 
 @app.command()
-def worker(ctx: typer.Context, as_json: Json = False) -> None:
-    """Run the metering consumer (Redis Streams to ClickHouse) until SIGTERM."""
+def worker(
+    ctx: typer.Context,
+    metrics_port: Annotated[int, typer.Option(
+        min=0, max=65535, envvar="TOLLWAY_WORKER_METRICS_PORT",
+        help="Serve Prometheus metrics on this port (0: off).")] = 9464,
+    metrics_host: Annotated[str, typer.Option(
+        envvar="TOLLWAY_WORKER_METRICS_HOST", help="Address of the metrics listener.")]
+    = "127.0.0.1",
+    as_json: Json = False,
+) -> None:
+    """Run the metering consumer (Redis Streams to ClickHouse) until SIGTERM.
+
+    Its Prometheus metrics (lag, insert time, dead letters) are served on --metrics-port."""
+    from prometheus_client import start_http_server
+
     from metering.worker import main_worker
 
     settings = _settings(ctx)
     server.configure_logging(settings)
+    metrics = None
+    if metrics_port:
+        try:
+            start_http_server(metrics_port, addr=metrics_host)
+        except OSError as exc:
+            cli_output.err().print(f"[bold red]cannot serve metrics on {metrics_host}:"
+                                   f"{metrics_port}:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        metrics = f"http://{metrics_host}:{metrics_port}/metrics"
     if as_json:
         backends = bootstrap.backends(settings).as_dict()
-        cli_output.emit_json({"worker": "started", "backends": backends})
+        cli_output.emit_json({"worker": "started", "backends": backends, "metrics": metrics})
     main_worker(settings)
+
+
+@app.command("scheduler")
+def scheduler_cmd(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="Run one pass, print the counts, exit.")]
+    = False,
+    interval: Annotated[float, typer.Option(min=1, help="Seconds between passes.")]
+    = bootstrap.SCHEDULER_INTERVAL_S,
+    as_json: Json = False,
+) -> None:
+    """Run the lifecycle scheduler (trial ends, deletion after grace) until SIGTERM.
+
+    With --once: one pass, then print the counts. Run one such process in production."""
+    from tenancy import scheduler
+
+    with _control_plane(ctx, as_json) as cp:
+        server.configure_logging(cp.settings)
+        if once:
+            counts = scheduler.run_once(cp)
+            if as_json:
+                cli_output.emit_json(counts)
+            else:
+                cli_output.record("scheduler pass", counts)
+            return
+        if as_json:
+            cli_output.emit_json({"scheduler": "started", "interval_s": interval})
+        stop = threading.Event()
+        loop = threading.Thread(target=scheduler.run_forever, args=(cp, interval, stop),
+                                name="scheduler")
+        # The handler only sets the event; the main thread waits in join(), not on the event.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        logging.getLogger("tollway.scheduler").info("scheduler started, every %.0f s", interval)
+        loop.start()
+        while loop.is_alive():
+            loop.join(0.5)
+        logging.getLogger("tollway.scheduler").info("scheduler stopped")
 
 
 DEMO_TENANTS = (
@@ -248,39 +326,165 @@ def _free_port() -> int:
         return port
 
 
-@app.command("usage")
-def usage_cmd(
-    ctx: typer.Context,
-    tenant_id: str,
-    period: Annotated[str | None, typer.Option(help="YYYY-MM (default: this month).")] = None,
-    as_json: Json = False,
-) -> None:
-    """A tenant's usage per meter for a calendar month (its timezone), against its quotas."""
-    from metering import clickhouse, usage
+# usage (read from ClickHouse with the functions the admin API uses)
+
+
+@dataclass(frozen=True)
+class _TenantUsage:
+    tenant_id: str
+    timezone: str
+    plan: plans.Plan
+    catalogue: list[plans.Plan]
+    meters: dict[str, Meter]
+    client: Client
+
+
+@contextmanager
+def _tenant_usage(ctx: typer.Context, tenant_id: str, as_json: bool) -> Iterator[_TenantUsage]:
+    """The tenant (404 if unknown), its plan and the meters, with a ClickHouse client; an
+    embedded chDB is migrated first, as every embedded install migrates itself."""
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+
+    from metering import clickhouse
     from metering.meters import load_meters
-    from metering.migrations import migrate as migrate_clickhouse
 
     with _control_plane(ctx, as_json) as cp:
         with cp.engine.connect() as conn:
             tenant = tenants.get(conn, tenant_id)
             plan = plans.load(conn, tenant["plan_id"], tenant["plan_version"])
+            catalogue = plans.list_plans(conn)
         try:
-            month = (datetime.strptime(period, "%Y-%m") if period else datetime.now()).replace(
-                day=15, tzinfo=usage.zone(tenant["timezone"]))
-        except ValueError:
-            raise typer.BadParameter("use YYYY-MM", param_hint="--period") from None
-        start, end = usage.month_bounds(month, tenant["timezone"])
-        meters = load_meters(cp.settings)
-        try:
-            client = clickhouse.connect(cp.settings)
-            migrate_clickhouse(client, cp.settings)
-            totals = usage.totals(client, meters.values(), tenant_id, start, end)
-            used = {name: amount.normalize() for name, amount in totals.items()}
+            yield _TenantUsage(tenant_id, tenant["timezone"], plan, catalogue,
+                               load_meters(cp.settings), _analytics_client(cp.settings))
+        except ClickHouseError as exc:
+            raise Problem(503, f"ClickHouse: {_first_line(exc)}", kind="analytics-unavailable"
+                          ) from None
         finally:
             clickhouse.close()
-    quotas = usage.quota_summary(used, plan.quotas, end)
+
+
+def _analytics_client(settings: Settings) -> Client:
+    from metering import clickhouse
+    from metering.migrations import migrate as migrate_clickhouse
+
+    client = clickhouse.connect(settings)
+    if clickhouse.is_chdb(settings):
+        migrate_clickhouse(client, settings)
+    return client
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _bad_value(option: str) -> Iterator[None]:
+    """A value an option cannot take is a usage error (exit 2), as click reports its own;
+    the problem's field, when it names one, says which option."""
+    try:
+        yield
+    except Problem as exc:
+        fields = [e.get("field") for e in exc.extra.get("errors", ()) if e.get("field")]
+        hint = "--" + str(fields[0]).replace("_", "-") if fields else option
+        raise typer.BadParameter(exc.detail, param_hint=hint) from None
+
+
+def _meter(found: _TenantUsage, name: str) -> Meter:
+    if name not in found.meters:
+        known = ", ".join(sorted(found.meters))
+        raise typer.BadParameter(f"unknown meter {name!r}; known: {known}", param_hint="--meter")
+    return found.meters[name]
+
+
+def _local(at: datetime, tz: str) -> str:
+    from metering.usage import zone
+
+    return f"{at.astimezone(zone(tz)):%Y-%m-%d %H:%M}"
+
+
+def _month_name(start: datetime, tz: str) -> str:
+    from metering.usage import zone
+
+    return f"{start.astimezone(zone(tz)):%B %Y}"
+
+
+def _normalized(used: dict[str, Decimal]) -> dict[str, Decimal]:
+    return {name: amount.normalize() for name, amount in used.items()}
+
+
+Tz = Annotated[str | None, typer.Option("--tz", help="IANA timezone (default: the tenant's).")]
+From = Annotated[str | None, typer.Option(
+    "--from", help="Start: YYYY-MM-DD (local midnight) or ISO timestamp with offset.")]
+To = Annotated[str | None, typer.Option("--to", help="End (exclusive), as --from.")]
+Period = Annotated[str | None, typer.Option(help="YYYY-MM (default: this month).")]
+
+
+@usage_app.command("show")
+def usage_show(
+    ctx: typer.Context,
+    tenant_id: str,
+    meter: Annotated[list[str] | None, typer.Option(help="Meter (repeatable; default all).")]
+    = None,
+    window: Annotated[str, typer.Option(help="minute, hour, day or month.")] = "day",
+    start: From = None,
+    end: To = None,
+    tz: Tz = None,
+    group_by: Annotated[list[str] | None, typer.Option(
+        help="Dimension the meter declares, e.g. route (repeatable).")] = None,
+    as_json: Json = False,
+) -> None:
+    """A tenant's usage per meter and window, in a timezone, grouped by dimensions.
+
+    The range defaults to this month in the timezone."""
+    from metering import usage
+    from metering.usage_api import _range
+
+    if window not in usage.WINDOWS:
+        raise typer.BadParameter(f"use one of {', '.join(usage.WINDOWS)}", param_hint="--window")
+    dims = group_by or []
+    with _tenant_usage(ctx, tenant_id, as_json) as found:
+        zone = tz or found.timezone
+        with _bad_value("--tz"):
+            usage.zone(zone)
+        with _bad_value("--from/--to"):
+            lo, hi = _range(start, end, zone)
+        chosen = [_meter(found, m) for m in meter or ()] or list(found.meters.values())
+        series = []
+        for m in chosen:
+            with _bad_value("--group-by"):
+                rows = usage.usage(found.client, m, tenant_id, lo, hi, window, zone, dims)
+            series.append((m, [replace(r, value=r.value.normalize()) for r in rows]))
     if as_json:
-        cli_output.emit_json({"tenant_id": tenant_id, "plan": plan.plan_id, "from": start,
+        cli_output.emit_json({
+            "tenant_id": tenant_id, "from": lo, "to": hi, "window": window, "tz": zone,
+            "series": [{"meter": m.name, "aggregation": m.aggregation, "rows": rows}
+                       for m, rows in series],
+        })
+        return
+    flat = [{"meter": m.name, "period_start": r.period_start.isoformat(), **r.dims,
+             "value": r.value} for m, rows in series for r in rows]
+    cli_output.table(f"usage of {tenant_id} per {window}, {_local(lo, zone)} to "
+                     f"{_local(hi, zone)} {zone}", ("meter", "period_start", *dims, "value"), flat)
+
+
+@usage_app.command("totals")
+def usage_totals(ctx: typer.Context, tenant_id: str, period: Period = None,
+                 as_json: Json = False) -> None:
+    """Every meter's total for a billing period, against the plan's quotas.
+
+    A period is a calendar month in the tenant's timezone."""
+    from metering import usage
+    from metering.usage_api import _month
+
+    with _tenant_usage(ctx, tenant_id, as_json) as found:
+        with _bad_value("--period"):
+            start, end = _month(period, found.timezone)
+        used = _normalized(usage.totals(found.client, found.meters.values(), tenant_id,
+                                        start, end))
+    quotas = usage.quota_summary(used, found.plan.quotas, end)
+    if as_json:
+        cli_output.emit_json({"tenant_id": tenant_id, "plan": found.plan.plan_id, "from": start,
                               "to": end, "totals": used, "quotas": quotas})
         return
     limits = {line.meter: line for line in quotas}
@@ -288,8 +492,251 @@ def usage_cmd(
              "quota": limits[name].limit if name in limits else None,
              "percent": limits[name].percent if name in limits else None}
             for name, amount in sorted(used.items())]
-    cli_output.table(f"usage of {tenant_id}, {start:%Y-%m-%d} to {end:%Y-%m-%d} (UTC)",
-                     ("meter", "used", "quota", "percent"), rows)
+    cli_output.table(f"usage of {tenant_id} in {_month_name(start, found.timezone)} "
+                     f"({found.timezone})", ("meter", "used", "quota", "percent"), rows)
+
+
+@usage_app.command("quota")
+def usage_quota(ctx: typer.Context, tenant_id: str, as_json: Json = False) -> None:
+    """This month's use of each quota in the tenant's plan, and when the quotas reset."""
+    from metering import usage
+
+    with _tenant_usage(ctx, tenant_id, as_json) as found:
+        start, end = usage.month_bounds(datetime.now(UTC), found.timezone)
+        quota_meters = [found.meters[m] for m in found.plan.quotas if m in found.meters]
+        used = _normalized(usage.totals(found.client, quota_meters, tenant_id, start, end))
+    lines = usage.quota_summary(used, found.plan.quotas, end)
+    if as_json:
+        cli_output.emit_json({"tenant_id": tenant_id, "plan": found.plan.plan_id, "from": start,
+                              "to": end, "quotas": lines})
+        return
+    cli_output.table(f"quotas of {tenant_id} on {found.plan.plan_id}, reset at "
+                     f"{_local(end, found.timezone)} {found.timezone}",
+                     ("meter", "used", "limit", "percent"), map(asdict, lines))
+
+
+@usage_app.command("report")
+def usage_report(ctx: typer.Context, tenant_id: str, period: Period = None,
+                 as_json: Json = False) -> None:
+    """Every meter's total for a month against the month before."""
+    from metering import usage
+    from metering.usage_api import _month
+
+    with _tenant_usage(ctx, tenant_id, as_json) as found:
+        with _bad_value("--period"):
+            start, end = _month(period, found.timezone)
+        prev_start, prev_end = usage.previous_month(start, found.timezone)
+        meters = list(found.meters.values())
+        current = _normalized(usage.totals(found.client, meters, tenant_id, start, end))
+        previous = _normalized(usage.totals(found.client, meters, tenant_id, prev_start,
+                                            prev_end))
+    lines = usage.compare(current, previous)
+    if as_json:
+        cli_output.emit_json({"tenant_id": tenant_id, "from": start, "to": end,
+                              "previous": {"from": prev_start, "to": prev_end}, "lines": lines})
+        return
+    cli_output.table(f"usage of {tenant_id} in {_month_name(start, found.timezone)} against "
+                     f"{_month_name(prev_start, found.timezone)} ({found.timezone})",
+                     ("meter", "current", "previous", "change", "change_percent"),
+                     map(asdict, lines))
+
+
+@usage_app.command("export")
+def usage_export(
+    ctx: typer.Context,
+    tenant_id: str,
+    out: Annotated[Path, typer.Option("--out", dir_okay=False, help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    start: From = None,
+    end: To = None,
+    tz: Tz = None,
+    as_json: Json = False,
+) -> None:
+    """Daily usage facts per meter, route, method, status and dims, as CSV or Parquet.
+
+    What finance reconciles against. The file appears whole or not at all."""
+    from metering.export import FORMATS, export_usage
+    from metering.usage import zone as check_zone
+    from metering.usage_api import _range
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter("use csv or parquet", param_hint="--format")
+    if not out.parent.is_dir():
+        raise typer.BadParameter(f"directory {out.parent} does not exist", param_hint="--out")
+    with _tenant_usage(ctx, tenant_id, as_json) as found, cli_output.progress() as bar:
+        zone = tz or found.timezone
+        with _bad_value("--tz"):
+            check_zone(zone)
+        with _bad_value("--from/--to"):
+            lo, hi = _range(start, end, zone)
+        task = bar.add_task("querying ClickHouse", total=2)
+        body = export_usage(found.client, tenant_id, lo, hi, zone, cast("Format", fmt))
+        bar.advance(task)
+        bar.update(task, description=f"writing {out.name}")
+        part = out.with_name(f".{out.name}.part")
+        part.write_bytes(body)
+        part.replace(out)
+        bar.advance(task)
+    result = {"tenant_id": tenant_id, "format": fmt, "path": str(out.resolve()),
+              "bytes": len(body),
+              "from": lo, "to": hi, "tz": zone}
+    if as_json:
+        cli_output.emit_json(result)
+    else:
+        cli_output.out().print(f"wrote {len(body):,} bytes of {fmt} to {out} ({_local(lo, zone)}"
+                               f" to {_local(hi, zone)} {zone})", highlight=False)
+
+
+@usage_app.command("analytics")
+def usage_analytics(
+    ctx: typer.Context,
+    tenant_id: str,
+    meter: Annotated[str, typer.Option(help="Meter to analyse.")] = "api_calls",
+    threshold: Annotated[float, typer.Option(min=0.5, max=10, help="Anomaly z-score.")] = 2.0,
+    baseline_hours: Annotated[int, typer.Option(min=24, max=24 * 28,
+                                                help="Trailing baseline, hours.")] = 168,
+    as_json: Json = False,
+) -> None:
+    """Anomalous hours, a 7-day forecast and plan-fit advice for one meter.
+
+    An hour of the last 7 days is anomalous beyond --threshold standard deviations of the
+    trailing baseline; the advice carries the monthly price difference."""
+    from metering import analytics
+
+    with _tenant_usage(ctx, tenant_id, as_json) as found:
+        chosen = _meter(found, meter)
+        now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        history = now - timedelta(hours=baseline_hours + 7 * 24)
+        series = analytics.hourly_series(found.client, chosen, tenant_id, history, now)
+        anomalies = [a for a in analytics.anomalies(series, baseline_hours, threshold,
+                                                    min(24, baseline_hours))
+                     if a.at >= now - timedelta(days=7)]
+        ahead = analytics.forecast(series[-14 * 24:], 7 * 24)
+        advice = _plan_fit(found)
+    doc = {"tenant_id": tenant_id, "meter": chosen.name, "threshold": threshold,
+           "baseline_hours": baseline_hours, "anomalies": anomalies,
+           "forecast": {"hourly": ahead, "total_7d": round(sum(p.value for p in ahead), 6)},
+           "plan_fit": advice}
+    if as_json:
+        cli_output.emit_json(doc)
+        return
+    cli_output.record(f"{chosen.name} of {tenant_id}", {
+        "anomalous hours (last 7 days)": len(anomalies),
+        "rule": f"over {threshold}σ from the mean of the trailing {baseline_hours} h",
+        "forecast (7 days)": round(sum(p.value for p in ahead), 2),
+        "plan fit": advice.action + (f" to {advice.plan_id}" if advice.plan_id else ""),
+        "monthly price difference": advice.monthly_price_difference,
+        "peak quota utilization": f"{advice.peak:.0%}" if advice.peak.is_finite() else "over",
+        "why": advice.reason,
+    })
+    if anomalies:
+        cli_output.table("anomalous hours (UTC)", ("at", "value", "expected", "z"),
+                         ({"at": f"{a.at:%Y-%m-%d %H:%M}", "value": round(a.value, 2),
+                           "expected": round(a.expected, 2), "z": round(a.z, 2)}
+                          for a in anomalies))
+    days = [ahead[i:i + 24] for i in range(0, len(ahead), 24)]
+    cli_output.table("forecast per 24 h", ("from (UTC)", chosen.name),
+                     ({"from (UTC)": f"{day[0].at:%Y-%m-%d %H:%M}",
+                       chosen.name: round(sum(p.value for p in day), 2)} for day in days))
+
+
+def _plan_fit(found: _TenantUsage) -> Advice:
+    """As the admin API: fit on the larger of last month and this month projected to its end."""
+    from metering import analytics, usage
+
+    now = datetime.now(UTC)
+    start, end = usage.month_bounds(now, found.timezone)
+    prev_start, prev_end = usage.previous_month(start, found.timezone)
+    quota_meters = [found.meters[m] for m in found.plan.quotas if m in found.meters]
+    so_far = usage.totals(found.client, quota_meters, found.tenant_id, start, end)
+    last = usage.totals(found.client, quota_meters, found.tenant_id, prev_start, prev_end)
+    elapsed = Decimal(max((now - start).total_seconds(), 3600) / (end - start).total_seconds())
+    used = {m: max(last.get(m, Decimal(0)), v / elapsed) for m, v in so_far.items()}
+    options = [analytics.PlanOption(p.plan_id, p.name, p.price, p.quotas)
+               for p in found.catalogue]
+    current = analytics.PlanOption(found.plan.plan_id, found.plan.name, found.plan.price,
+                                   found.plan.quotas)
+    return analytics.plan_fit(current, options, used)
+
+
+# read-only SQL and analyst logins
+
+
+@app.command()
+def sql(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="One SELECT, WITH, SHOW, DESCRIBE or EXISTS.")],
+    fmt: Annotated[str, typer.Option("--format", help="table or csv.")] = "table",
+    as_json: Json = False,
+) -> None:
+    """Run one read-only SQL query on the usage data.
+
+    The session is kept read-only by ClickHouse itself; at most 100,000 rows and 30 s."""
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+
+    from metering import clickhouse
+    from metering.readonly_sql import run_readonly
+
+    if fmt not in ("table", "csv"):
+        raise typer.BadParameter("use table or csv", param_hint="--format")
+    settings = _settings(ctx)
+    with _reporting(as_json):
+        try:
+            if clickhouse.is_chdb(settings):
+                _analytics_client(settings)
+            columns, rows = run_readonly(clickhouse.readonly_client(settings), query)
+        except ClickHouseError as exc:
+            raise Problem(400, _first_line(exc), kind="query-failed") from None
+        finally:
+            clickhouse.close()
+    plain = [[cli_output.jsonable(v) for v in row] for row in rows]
+    if as_json:
+        cli_output.emit_json({"columns": columns, "rows": plain})
+    elif fmt == "csv":
+        cli_output.csv_rows(columns, plain)
+    else:
+        cli_output.table(f"{len(plain)} rows", columns,
+                         (dict(zip(columns, row, strict=True)) for row in plain))
+
+
+@analysts_app.command("create")
+def analysts_create(
+    ctx: typer.Context,
+    tenant_id: str,
+    user: Annotated[str, typer.Option(help="ClickHouse user name (an identifier).")],
+    as_json: Json = False,
+) -> None:
+    """Create a read-only ClickHouse user who sees only this tenant's rows.
+
+    Row policies on every usage table; the generated password is printed once. Needs a
+    ClickHouse server (chDB has no users)."""
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+
+    from metering import clickhouse
+    from metering.readonly_sql import analyst_statements, create_analyst
+
+    password = secrets.token_urlsafe(32)
+    with _control_plane(ctx, as_json) as cp:
+        with cp.engine.connect() as conn:
+            tenants.get(conn, tenant_id)
+        analyst_statements(tenant_id, user, password)  # validates before anything runs
+        if clickhouse.is_chdb(cp.settings):
+            raise Problem(501, "analyst logins need a ClickHouse server (set "
+                          "TOLLWAY_CLICKHOUSE_URL); embedded chDB has no users or row policies."
+                          " Use `tollway sql` for read-only queries.",
+                          kind="needs-clickhouse-server")
+        try:
+            ran = create_analyst(clickhouse.connect(cp.settings), tenant_id, user, password)
+        except ClickHouseError as exc:
+            raise Problem(502, f"ClickHouse refused: {_first_line(exc)}",
+                          kind="analytics-refused") from None
+        finally:
+            clickhouse.close()
+    if as_json:
+        cli_output.emit_json({"tenant_id": tenant_id, "user": user, "password": password,
+                              "statements": ran})
+    else:
+        cli_output.secret_notice(f"password of ClickHouse user {user} ({tenant_id})", password)
 
 
 # tenants

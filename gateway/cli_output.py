@@ -7,11 +7,14 @@ human-facing notes and errors go to stderr.
 
 from __future__ import annotations
 
+import csv
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
+from datetime import date
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import orjson
 from rich.console import Console
@@ -104,3 +107,26 @@ def progress() -> Progress:
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=err(), transient=False,
     )
+
+
+def jsonable(value: Any) -> Any:
+    """A ClickHouse value as JSON can carry it: containers kept, odd scalars (IPs, bytes,
+    enums) as text; numbers, Decimals, dates and UUIDs are left to `to_json`."""
+    if value is None or isinstance(value, (bool, int, float, str, Decimal, date, UUID)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def csv_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """RFC 4180 CSV with a header on stdout; containers as compact JSON, NULL as empty."""
+    writer = csv.writer(sys.stdout, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow("" if v is None else _cell(v) for v in row)
+    sys.stdout.flush()

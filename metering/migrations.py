@@ -87,14 +87,19 @@ def rebuild_rollups(client: Client, month: int) -> list[str]:
 
 
 def _apply_ttl(client: Client, ttl_days: int) -> None:
+    """Only MergeTree-family tables hold a TTL. On a cluster `usage_events` is a Distributed
+    table over `usage_events_local`, which ClickHouse refuses to alter this way; the local
+    tables' TTL is changed ON CLUSTER by hand (docs/deployment.md)."""
     wanted = f"INTERVAL {ttl_days} DAY"
     for table in _TTL_TABLES:
         rows = client.query(
-            "SELECT engine_full FROM system.tables WHERE database = currentDatabase() "
+            "SELECT engine, engine_full FROM system.tables WHERE database = currentDatabase() "
             "AND name = {t:String}",
             parameters={"t": table},
         ).result_rows
-        engine = str(rows[0][0]) if rows else ""
-        if rows and wanted not in engine and f"toIntervalDay({ttl_days})" not in engine:
+        if not rows or not str(rows[0][0]).endswith("MergeTree"):
+            continue
+        engine = str(rows[0][1])
+        if wanted not in engine and f"toIntervalDay({ttl_days})" not in engine:
             column = "toDateTime(time)" if table == RAW_TABLE else "bucket"
             client.command(f"ALTER TABLE {table} MODIFY TTL {column} + {wanted}")

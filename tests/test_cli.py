@@ -147,11 +147,11 @@ def test_migrate_and_demo(run: Any) -> None:
     assert len(_json(run("tenants", "list", "--json"))["items"]) == 3
 
     starter = next(t for t in demo if t["plan"] == "starter")["tenant_id"]
-    report = _json(run("usage", starter, "--json"))
+    report = _json(run("usage", "totals", starter, "--json"))
     assert report["plan"] == "starter" and Decimal(report["totals"]["api_calls"]) == 0
     assert {q["meter"]: q["limit"] for q in report["quotas"]}["api_calls"] == 10_000
-    assert "api_calls" in run("usage", starter, "--period", "2026-01").stdout
-    run("usage", starter, "--period", "January", code=2)
+    assert "api_calls" in run("usage", "totals", starter, "--period", "2026-01").stdout
+    run("usage", "totals", starter, "--period", "January", code=2)
 
 
 def test_errors_and_exit_codes(run: Any) -> None:
@@ -180,7 +180,8 @@ def test_worker_runs_until_sigterm(tmp_path: Path, redis_url: str) -> None:
         "TOLLWAY_CLICKHOUSE_URL": f"chdb://{tmp_path / 'chdb'}",
         "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONUNBUFFERED": "1",
     })
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--json",
+                             "--metrics-port", "0"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

@@ -29,6 +29,7 @@ from decimal import Decimal
 import orjson
 import redis.asyncio as aioredis
 from sqlalchemy import Engine
+from starlette.types import ASGIApp
 
 from gateway import observability, ratelimit_headers
 from gateway.admission import QUOTA_GRACE_MS, Admission, Decision, Policy, month_window, quota_key
@@ -37,6 +38,7 @@ from gateway.jwt_auth import JwtVerifier
 from gateway.observability import RequestMetrics, TenantLabels
 from gateway.proxy import (
     CLIENT_CLOSED,
+    Message,
     Proxy,
     ProxyResult,
     Receive,
@@ -54,6 +56,7 @@ from gateway.tenant_signature import HEADER as TENANT_HEADER
 from gateway.tenant_signature import TenantSigner
 from gateway.usage_emitter import UsageEmitter
 from metering.events import UsageEvent
+from metering.ingest_api import TENANT_SCOPE_KEY
 from tenancy.hotstate import redis_url
 from tenancy.key_usage import LastUsed
 from tenancy.plans import Plan
@@ -100,6 +103,7 @@ class Gateway:
         self._policies: dict[tuple[str, int], Policy] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        self.started = False
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> Gateway:
@@ -121,10 +125,12 @@ class Gateway:
         self._background.append(asyncio.create_task(
             self.last_used.run(self._engine, LAST_USED_FLUSH_S), name="key-last-used"))
         self._background.append(asyncio.create_task(self._warm_jwks(), name="jwks-warm"))
+        self.started = True
 
     async def close(self) -> None:
         """Stop taking work from the background loops and hand over what is buffered: the
         last-used batch is written, pending usage events are flushed (or spooled)."""
+        self.started = False
         try:
             # Bounded: redis-py 8.1 can leave a pub/sub listener cancelled mid-subscribe
             # waiting forever; shutdown must not hang on it.
@@ -163,6 +169,43 @@ class Gateway:
         if policy is None:
             policy = self._policies[key] = Policy.from_plan(plan, request_meter=REQUEST_METER)
         return policy
+
+    async def authenticated(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp
+    ) -> None:
+        """Serve one of Tollway's own tenant endpoints (usage ingestion) behind the same
+        resolution, credential and lifecycle checks as proxied traffic, minus admission and
+        the proxy. The tenant reaches `app` as scope["tollway.tenant_id"]."""
+        started = time.perf_counter()
+        now = time.time()
+        headers: Sequence[Header] = scope["headers"]
+        request_id, headers, _ = _request_id(headers)
+        tenant: TenantRecord | None = None
+        problem = check_limits(headers, self.settings)
+        if problem is None:
+            try:
+                resolved = await self.resolver.resolve(scope, self.refresher.snapshot, now)
+                tenant = resolved.tenant
+                problem = check_status(tenant, now)
+            except Problem as refused:
+                problem = refused
+        if problem is not None:
+            rid = (_X_REQUEST_ID, request_id.encode("ascii"))
+            size = await send_problem(send, problem, (rid,))
+            self._done(scope, request_id, tenant, problem.status, started, None, 0, size,
+                       problem.kind)
+            return
+        assert tenant is not None
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await app({**scope, TENANT_SCOPE_KEY: tenant.id}, receive, capture)
+        self._done(scope, request_id, tenant, status, started, None, 0, 0, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

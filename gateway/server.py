@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from gateway import bootstrap
-from gateway.app import build_admin_app, build_app
+from gateway.app import PublicApp, build_admin_app, build_app
 from metering.clickhouse import is_chdb
 from tenancy.problems import Problem
 from tenancy.settings import Settings, load_settings
@@ -94,7 +94,7 @@ def configure_logging(settings: Settings) -> None:
     )
 
 
-def worker_app() -> Starlette:
+def worker_app() -> PublicApp:
     """granian's factory target for the public listener, called in each worker process."""
     settings = load_settings()
     configure_logging(settings)

@@ -277,18 +277,18 @@ def test_openapi_describes_every_mounted_route(cp: ControlPlane) -> None:
     assert set(refs) <= set(spec["components"]["schemas"])
 
 
-async def test_probes_metrics_and_proxy_placeholder(cp: ControlPlane) -> None:
+async def test_probes_metrics_and_a_gateway_not_started(cp: ControlPlane) -> None:
     app = build_app(cp.settings, cp)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://test") as c:
         assert (await c.get("/healthz")).json() == {"status": "ok"}
         ready = await c.get("/readyz")
-        assert ready.status_code == 200
-        assert ready.json()["checks"] == {"store": "ok", "redis": "ok"}
+        assert ready.status_code == 503  # no lifespan ran: the snapshot is not loaded
+        assert ready.json()["checks"] == {"store": "ok", "redis": "ok", "snapshot": "not ready"}
         metrics = await c.get("/metrics")
         assert metrics.status_code == 200 and b"python_info" in metrics.content
         proxied = await c.post("/anything/else", content=b"x")
-        assert _problem(proxied, 501)["detail"] == "proxying not configured"
+        assert _problem(proxied, 503)["detail"] == "the gateway is starting"
 
 
 async def test_readyz_names_the_failing_store(cp: ControlPlane, tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ async def test_separate_admin_listener(cp: ControlPlane) -> None:
     headers = {"Authorization": f"Bearer {secret}"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=public),
                                  base_url="http://test") as c:
-        _problem(await c.get("/admin/v1/plans", headers=headers), 501)
+        _problem(await c.get("/admin/v1/plans", headers=headers), 503)  # proxied, not admin
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=admin),
                                  base_url="http://test") as c:
         assert (await c.get("/admin/v1/plans", headers=headers)).status_code == 200

@@ -281,8 +281,9 @@ def demo(
     = None,
     as_json: Json = False,
 ) -> None:
-    """Start the gateway embedded, seed three tenants on different plans with API keys, print
-    them, and stop. (Log of the demo gateway: <data dir>/demo-serve.log.)"""
+    """Start the gateway embedded, seed three tenants with API keys, print them, and stop.
+
+    Tenants are on different plans. Log of the demo gateway: <data dir>/demo-serve.log."""
     settings = _settings(ctx)
     config: Path | None = ctx.find_root().obj
     if config is not None:

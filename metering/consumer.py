@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import struct
 import tempfile
 import time
 from collections.abc import Sequence
@@ -136,6 +137,10 @@ def _row_problem(event: UsageEvent) -> str | None:
         return "units out of Decimal(38, 9) range or precision"
     if event.time_ms >= _MAX_TIME_MS:
         return "time out of range"
+    try:
+        struct.pack("<f", event.latency_ms)
+    except OverflowError:
+        return "latency_ms must fit Float32"  # else the whole batch would fail, forever
     return None
 
 
@@ -248,6 +253,7 @@ class UsageConsumer:
         with tempfile.TemporaryFile() as file:
             file.write(lines)
             file.flush()
+            file.seek(0)  # where /dev/fd/N shares this offset (macOS), not only on Linux
             path = f"/dev/fd/{file.fileno()}"
             sql = INSERT_LINES.replace("{path}", _quote(path)).replace("{token}", _quote(token))
             self._clickhouse.command(sql)

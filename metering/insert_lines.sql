@@ -37,7 +37,7 @@ WHERE throwIf(NOT (
         match(line, {shape})
         AND isValidUTF8(line)
         AND e.status <= 65535
-        AND isFinite(e.latency_ms)
+        AND isFinite(toFloat32(e.latency_ms))
         AND length(e.dims) <= 16
         AND length(arrayDistinct(mapKeys(e.dims))) = length(e.dims)
         AND arrayAll(s -> lengthUTF8(s) <= 128, arrayConcat(mapKeys(e.dims), mapValues(e.dims)))

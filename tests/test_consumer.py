@@ -400,6 +400,8 @@ _TRICKY: dict[str, bytes] = {
     ),
     "NaN": _good().to_bytes().replace(b'"latency_ms":3.25', b'"latency_ms":NaN'),
     "huge latency exponent": _good().to_bytes().replace(b"3.25", b"3.25e999"),
+    "latency above Float32": orjson.dumps(_doc(latency_ms=1e39)),
+    "latency rounding down to the Float32 maximum": orjson.dumps(_doc(latency_ms=3.4028235e38)),
     "status out of UInt16": orjson.dumps(_doc(status=70000)),
     "negative bytes": orjson.dumps(_doc(bytes_in=-1)),
     "bytes above UInt64": orjson.dumps(_doc(bytes_out=str(2**64))),

@@ -364,14 +364,23 @@ def _tenant_usage(ctx: typer.Context, tenant_id: str, as_json: bool) -> Iterator
             clickhouse.close()
 
 
-def _analytics_client(settings: Settings) -> Client:
+def _analytics_client(settings: Settings, *, readonly: bool = False) -> Client:
+    """The ClickHouse client (a read-only session if asked); failing to open it is a 503."""
+    from clickhouse_connect.driver.exceptions import Error as ClickHouseError
+
     from metering import clickhouse
     from metering.migrations import migrate as migrate_clickhouse
 
-    client = clickhouse.connect(settings)
-    if clickhouse.is_chdb(settings):
-        migrate_clickhouse(client, settings)
-    return client
+    embedded = clickhouse.is_chdb(settings)
+    try:
+        if embedded:
+            migrate_clickhouse(clickhouse.connect(settings), settings)
+        return clickhouse.readonly_client(settings) if readonly else clickhouse.connect(settings)
+    except ClickHouseError as exc:
+        hint = (" (embedded chDB is opened by one process at a time: is `tollway serve` or "
+                "`tollway worker` running on this data directory?)" if embedded else "")
+        raise Problem(503, f"cannot open ClickHouse: {_first_line(exc)}{hint}",
+                      kind="analytics-unavailable") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -683,9 +692,7 @@ def sql(
     settings = _settings(ctx)
     with _reporting(as_json):
         try:
-            if clickhouse.is_chdb(settings):
-                _analytics_client(settings)
-            columns, rows = run_readonly(clickhouse.readonly_client(settings), query)
+            columns, rows = run_readonly(_analytics_client(settings, readonly=True), query)
         except ClickHouseError as exc:
             raise Problem(400, _first_line(exc), kind="query-failed") from None
         finally:
@@ -696,7 +703,7 @@ def sql(
     elif fmt == "csv":
         cli_output.csv_rows(columns, plain)
     else:
-        cli_output.table(f"{len(plain)} rows", columns,
+        cli_output.table(f"{len(plain)} row{'' if len(plain) == 1 else 's'}", columns,
                          (dict(zip(columns, row, strict=True)) for row in plain))
 
 

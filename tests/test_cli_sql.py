@@ -124,6 +124,32 @@ def test_sql_engine_refusals_and_errors_exit_1(cli: Cli, rows: int) -> None:
     cli("sql", "SELECT 1", "--format", "xml", code=2)
 
 
+HOLD_CHDB = """
+import sys
+import clickhouse_connect
+client = clickhouse_connect.get_client(dsn=sys.argv[1])
+client.query("SELECT 1")
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_chdb_held_by_another_process_is_a_503(cli: Cli) -> None:
+    """What an operator sees running `sql` or `usage` beside an embedded `tollway serve`."""
+    tenant = cli("tenants", "create", "Acme", "--email", "ops@acme.example").stdout.strip()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CHDB,
+                               str(cli.env["TOLLWAY_CLICKHOUSE_URL"])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        problem = cli.json("sql", "SELECT 1", code=1)
+        assert problem["status"] == 503 and "one process at a time" in problem["detail"]
+        assert "one process at a time" in cli("usage", "quota", tenant, code=1).stderr
+    finally:
+        holder.communicate(timeout=30)
+    assert cli.json("sql", "SELECT 1 AS one")["rows"] == [[1]]
+
+
 def test_analysts_create_needs_a_server(cli: Cli) -> None:
     tenant = cli("tenants", "create", "Acme", "--email", "ops@acme.example").stdout.strip()
     problem = cli.json("analysts", "create", tenant, "--user", "acme_analyst", code=1)

@@ -3,11 +3,14 @@
 -- UsageEvent.to_bytes writes (consumer.CANONICAL_EVENT: fixed key order, plain JSON numbers
 -- and strings) and holds only values the Python path stores unchanged. Any other line fails
 -- the whole INSERT before a row is written, and the consumer then stores the batch through the
--- Python path under the same token. The braced names are replaced by quoted literals.
+-- Python path under the same token. One insert thread: rows are squashed into one block
+-- (up to min_insert_block_size_rows/_bytes, about 1M rows or 256 MB) and written only after
+-- the last line has passed, whereas parallel insert streams would each write their own.
+-- The braced names are replaced by quoted literals.
 INSERT INTO usage_events
     (event_id, tenant_id, meter, subject, time, units, route, method, status,
      latency_ms, bytes_in, bytes_out, dims, source)
-SETTINGS insert_deduplication_token = {token}
+SETTINGS insert_deduplication_token = {token}, max_insert_threads = 1
 SELECT
     toUUID(e.event_id),
     e.tenant_id,

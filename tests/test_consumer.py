@@ -514,3 +514,34 @@ async def test_a_refused_clickhouse_insert_writes_nothing(
     assert _counts(ch) == (2999, 2999)
     assert len(_xrange(redis_client, DLQ_STREAM)) == 1
     await _assert_settled(aredis)
+
+
+async def test_a_batch_stored_by_clickhouse_is_not_stored_again_by_python_recovery(
+    aredis: aioredis.Redis, redis_client: redis.Redis, ch: Any
+) -> None:
+    """The token, not the decoding path, identifies the block: rows and rollups stay single."""
+    first = _consumer(aredis, ch, "w1", batch=150)
+    await first.setup()
+    written = _write(redis_client, 300)
+    entries = await first.read(stream_key(0))
+    await first.insert(stream_key(0), entries)  # decoded by ClickHouse; no ack
+    assert _counts(ch) == (len(entries), len(entries))
+    await asyncio.sleep(0.02)
+    python = UsageConsumer(
+        aredis,
+        ch,
+        shards=SHARDS,
+        name="w2",
+        batch=150,
+        claim_idle_ms=10,
+        decode_in_clickhouse=False,
+    )
+    assert await python.claim() == len(entries)
+    await _drain(python)
+    assert _counts(ch) == (len(written), len(written))
+    rollups = ch.query(
+        "SELECT (SELECT countMerge(events) FROM usage_minute), "
+        "(SELECT countMerge(events) FROM usage_hour), (SELECT countMerge(events) FROM usage_day)"
+    ).result_rows[0]
+    assert rollups == (len(written),) * 3
+    await _assert_settled(aredis)

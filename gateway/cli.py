@@ -198,10 +198,8 @@ def migrate(ctx: typer.Context, as_json: Json = False) -> None:
 def worker(
     ctx: typer.Context,
     metrics_port: Annotated[int, typer.Option(
-        min=0, max=65535, envvar="TOLLWAY_WORKER_METRICS_PORT",
-        help="Serve Prometheus metrics on this port (0: off).")] = 9464,
-    metrics_host: Annotated[str, typer.Option(
-        envvar="TOLLWAY_WORKER_METRICS_HOST", help="Address of the metrics listener.")]
+        min=0, max=65535, help="Serve Prometheus metrics on this port (0: off).")] = 9464,
+    metrics_host: Annotated[str, typer.Option(help="Address of the metrics listener.")]
     = "127.0.0.1",
     as_json: Json = False,
 ) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from gateway import bootstrap, cli_output, server
+from gateway import demo as demo_run
 from tenancy import admin_tokens, keys, plans, tenants
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
@@ -265,13 +266,6 @@ def scheduler_cmd(
         logging.getLogger("tollway.scheduler").info("scheduler stopped")
 
 
-DEMO_TENANTS = (
-    ("Acme Robotics", "ops@acme.example", "starter"),
-    ("Globex Analytics", "billing@globex.example", "professional"),
-    ("Initech Cloud", "it@initech.example", "enterprise"),
-)
-
-
 @app.command()
 def demo(
     ctx: typer.Context,
@@ -279,9 +273,9 @@ def demo(
     = None,
     as_json: Json = False,
 ) -> None:
-    """Start the gateway embedded, seed three tenants with API keys, print them, and stop.
-
-    Tenants are on different plans. Log of the demo gateway: <data dir>/demo-serve.log."""
+    """Run the gateway embedded in front of a built-in upstream, seed three tenants (one on a
+    deliberately tight plan), drive traffic past their limits, and print what was allowed,
+    limited and metered. Stops by itself. (Gateway log: <data dir>/demo-serve.log.)"""
     settings = _settings(ctx)
     config: Path | None = ctx.find_root().obj
     if config is not None:
@@ -290,32 +284,57 @@ def demo(
     with _reporting(as_json):
         prepared = server.prepare(settings, 1)
         log_path = settings.data_dir / "demo-serve.log"
-        with (
-            server.background_server(port or _free_port(), log_path) as base_url,
-            _control_plane(ctx, as_json) as cp,
-            cli_output.progress() as bar,
-        ):
-            task = bar.add_task("creating tenants", total=len(DEMO_TENANTS))
-            for name, email, plan in DEMO_TENANTS:
-                bar.update(task, description=f"creating {name}")
-                tenant = tenants.create(cp, actor=bootstrap.cli_actor(), name=name,
-                                        email=email, plan=plan)
-                record, secret = keys.create(cp, tenant["id"], actor=bootstrap.cli_actor(),
-                                             name="demo")
-                rows.append({"tenant_id": tenant["id"], "name": name, "plan": plan,
-                             "status": tenant["status"], "key_id": record["id"],
-                             "secret": secret})
-                bar.advance(task)
-    result = {"gateway": base_url, "backends": prepared.backends.as_dict(),
-              "admin_token": prepared.new_token, "tenants": rows}
+        with demo_run.upstream() as upstream_url:
+            os.environ["TOLLWAY_UPSTREAM"] = upstream_url
+            with (
+                server.background_server(port or _free_port(), log_path) as base_url,
+                _control_plane(ctx, as_json) as cp,
+            ):
+                actor = bootstrap.cli_actor()
+                plans.apply(cp, demo_run.DEMO_PLAN, actor)
+                with cli_output.progress() as bar:
+                    task = bar.add_task("creating tenants", total=len(demo_run.DEMO_TENANTS))
+                    for name, email, plan in demo_run.DEMO_TENANTS:
+                        bar.update(task, description=f"creating {name}")
+                        tenant = tenants.create(cp, actor=actor, name=name, email=email,
+                                                plan=plan)
+                        record, secret = keys.create(cp, tenant["id"], actor=actor,
+                                                     name="demo")
+                        rows.append({"tenant_id": tenant["id"], "name": name, "plan": plan,
+                                     "status": tenant["status"], "key_id": record["id"],
+                                     "secret": secret})
+                        bar.advance(task)
+                reader, token = admin_tokens.create(
+                    cp, actor=actor, name="demo-reader", role=admin_tokens.PLATFORM,
+                    expires_at=datetime.now(UTC) + timedelta(minutes=10))
+                try:
+                    with cli_output.progress() as bar:
+                        bar.add_task("driving traffic and waiting for metering", total=None)
+                        outcomes = demo_run.run_traffic(base_url, token, rows)
+                finally:
+                    admin_tokens.revoke(cp, reader["id"], actor=actor)
+    traffic = [o.as_dict() for o in outcomes]
+    result = {"gateway": base_url, "upstream": upstream_url,
+              "backends": prepared.backends.as_dict(), "admin_token": prepared.new_token,
+              "tenants": rows, "traffic": traffic}
     if as_json:
         cli_output.emit_json(result)
         return
     cli_output.table("demo tenants (key secrets are shown once)",
                      ("tenant_id", "name", "plan", "status", "secret"), rows)
+    cli_output.table(
+        "traffic through the gateway, and what ClickHouse metered",
+        ("tenant_id", "plan", "allowed", "limited", "limited_by", "metered"),
+        [{**t, "limited_by": _pairs(t["limited_by"]), "metered": _pairs(t["metered"])}
+         for t in traffic],
+    )
     cli_output.err().print(f"the demo gateway ran at {base_url} and has stopped")
     if prepared.new_token is not None:
         cli_output.secret_notice("platform admin token (first start)", prepared.new_token)
+
+
+def _pairs(doc: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(doc.items())) or "-"
 
 
 def _free_port() -> int:

@@ -142,13 +142,22 @@ def test_migrate_and_demo(run: Any) -> None:
     assert result["gateway"].startswith("http://127.0.0.1:")
     assert result["admin_token"].startswith("twadm_")  # first start of this data dir
     demo = result["tenants"]
-    assert {t["plan"] for t in demo} == {"starter", "professional", "enterprise"}
+    assert {t["plan"] for t in demo} == {"starter", "professional", "demo-metered"}
     assert all(t["secret"].startswith("tw_live_") for t in demo)
     assert len(_json(run("tenants", "list", "--json"))["items"]) == 3
+    traffic = {t["plan"]: t for t in result["traffic"]}
+    # The tight plan runs out of its monthly quota of 25 calls; the rest is refused with 429.
+    assert traffic["demo-metered"]["allowed"] == 25
+    assert traffic["demo-metered"]["limited_by"] == {"quota:api_calls": 36}
+    for t in traffic.values():
+        assert t["other"] == 0
+        # What ClickHouse metered is exactly what the gateway let through.
+        assert Decimal(t["metered"]["api_calls"]) == t["allowed"]
 
     starter = next(t for t in demo if t["plan"] == "starter")["tenant_id"]
     report = _json(run("usage", "totals", starter, "--json"))
-    assert report["plan"] == "starter" and Decimal(report["totals"]["api_calls"]) == 0
+    assert report["plan"] == "starter"
+    assert Decimal(report["totals"]["api_calls"]) == traffic["starter"]["allowed"]
     assert {q["meter"]: q["limit"] for q in report["quotas"]}["api_calls"] == 10_000
     assert "api_calls" in run("usage", "totals", starter, "--period", "2026-01").stdout
     run("usage", "totals", starter, "--period", "January", code=2)

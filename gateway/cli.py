@@ -324,8 +324,10 @@ def demo(
                      ("tenant_id", "name", "plan", "status", "secret"), rows)
     cli_output.table(
         "traffic through the gateway, and what ClickHouse metered",
-        ("tenant_id", "plan", "allowed", "limited", "limited_by", "metered"),
-        [{**t, "limited_by": _pairs(t["limited_by"]), "metered": _pairs(t["metered"])}
+        ("tenant_id", "plan", "allowed", "limited", "limited_by", "api_calls", "tokens",
+         "ai_interactions"),
+        [{**t, "limited_by": _pairs(t["limited_by"]),
+          **{m: t["metered"].get(m, "0") for m in ("api_calls", "tokens", "ai_interactions")}}
          for t in traffic],
     )
     cli_output.err().print(f"the demo gateway ran at {base_url} and has stopped")

@@ -46,7 +46,7 @@ async def run_worker(settings: Settings, stop_event: asyncio.Event) -> None:
         ch,
         shards=settings.usage_shards,
         name=consumer_name(),
-        batch=settings.usage_batch,
+        batch=settings.consumer_batch,
         claim_idle_ms=settings.usage_claim_idle_ms,
     )
     idle_s = settings.usage_flush_ms / 1000

@@ -146,9 +146,12 @@ def test_migrate_and_demo(run: Any) -> None:
     assert all(t["secret"].startswith("tw_live_") for t in demo)
     assert len(_json(run("tenants", "list", "--json"))["items"]) == 3
     traffic = {t["plan"]: t for t in result["traffic"]}
-    # The tight plan runs out of its monthly quota of 25 calls; the rest is refused with 429.
-    assert traffic["demo-metered"]["allowed"] == 25
-    assert traffic["demo-metered"]["limited_by"] == {"quota:api_calls": 36}
+    # The tight plan runs out of its monthly quota of 25 calls; the rest is refused with 429
+    # (a few may meet its concurrency limit of 8 first: refusals consume nothing).
+    tight = traffic["demo-metered"]
+    assert tight["allowed"] == 25 and tight["limited"] == 61 - 25
+    assert tight["limited_by"]["quota:api_calls"] > 0
+    assert set(tight["limited_by"]) <= {"quota:api_calls", "concurrency"}
     for t in traffic.values():
         assert t["other"] == 0
         # What ClickHouse metered is exactly what the gateway let through.

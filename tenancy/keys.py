@@ -16,12 +16,13 @@ import re
 import secrets
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, exists, insert, select, update
 
-from tenancy.controlplane import ControlPlane
+from tenancy.controlplane import ControlPlane, Tx
 from tenancy.problems import conflict, invalid, not_found
 from tenancy.tables import api_keys, tenants
 
@@ -184,6 +185,45 @@ def _insert(
     return record, secret
 
 
+@dataclass(frozen=True)
+class NewKey:
+    """A validated key request, so a caller can check it before opening its transaction."""
+
+    name: str
+    scopes: list[str]
+    mode: str
+    expires_at: datetime | None
+
+
+def new_key(
+    default_mode: str,
+    *,
+    name: str = "default",
+    scopes: Iterable[str] = ("*",),
+    mode: str | None = None,
+    expires_at: datetime | None = None,
+    now: datetime,
+) -> NewKey:
+    name = check_name(name)
+    scope_list = check_scopes(scopes)
+    mode = mode or default_mode
+    if mode not in MODES:
+        raise invalid(f"mode must be one of {', '.join(MODES)}", field="mode")
+    return NewKey(name, scope_list, mode, check_expiry(expires_at, now))
+
+
+def create_in(tx: Tx, tenant_id: str, key: NewKey, now: datetime) -> tuple[dict[str, Any], str]:
+    """Mint a key inside the caller's transaction, with its audit event, so a tenant and its
+    first key can commit together (tenancy.onboarding)."""
+    lock_open_tenant(tx.conn, tenant_id)
+    record, secret = _insert(
+        tx.conn, tenant_id=tenant_id, name=key.name, mode=key.mode, scopes=key.scopes,
+        expires_at=key.expires_at, now=now,
+    )
+    tx.audit("key.created", record["id"], tenant_id=tenant_id, after=record)
+    return record, secret
+
+
 def create(
     cp: ControlPlane,
     tenant_id: str,
@@ -197,19 +237,12 @@ def create(
 ) -> tuple[dict[str, Any], str]:
     """Mint a key; the secret is returned here and never again."""
     now = now or now_utc()
-    name = check_name(name)
-    scope_list = check_scopes(scopes)
-    mode = mode or cp.settings.key_environment
-    if mode not in MODES:
-        raise invalid(f"mode must be one of {', '.join(MODES)}", field="mode")
-    expires_at = check_expiry(expires_at, now)
+    key = new_key(
+        cp.settings.key_environment, name=name, scopes=scopes, mode=mode,
+        expires_at=expires_at, now=now,
+    )
     with cp.transaction(actor) as tx:
-        lock_open_tenant(tx.conn, tenant_id)
-        record, secret = _insert(
-            tx.conn, tenant_id=tenant_id, name=name, mode=mode, scopes=scope_list,
-            expires_at=expires_at, now=now,
-        )
-        tx.audit("key.created", record["id"], tenant_id=tenant_id, after=record)
+        record, secret = create_in(tx, tenant_id, key, now)
     log.info("api key created", extra={"key_id": record["id"], "tenant_id": tenant_id})
     return record, secret
 

@@ -14,6 +14,7 @@ import re
 import unicodedata
 import zoneinfo
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -415,6 +416,50 @@ def _claim_domains(conn: Connection, hosts: list[str], tenant_id: str) -> None:
     conn.execute(insert(domain_rows), [{"domain": h, "tenant_id": tenant_id} for h in hosts])
 
 
+@dataclass(frozen=True)
+class NewTenant:
+    """A validated onboarding request: checked before any transaction opens."""
+
+    fields: dict[str, Any]
+    hosts: list[str]
+    plan_id: str
+
+
+def new_tenant(
+    config: Settings,
+    /,
+    *,
+    name: str,
+    email: str,
+    plan: str | None = None,
+    region: str | None = None,
+    locale: str = "en-US",
+    timezone: str = "UTC",
+    currency: str = "USD",
+    metadata: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    subdomain: str | None = None,
+    domains: Iterable[str] = (),
+    upstream: str | None = None,
+) -> NewTenant:
+    """The keywords are `create`'s; `config` is the platform's settings, `settings` the
+    tenant's."""
+    fields = {
+        "name": check_name(name),
+        "email": check_email(email),
+        "region": check_region(config, region),
+        "locale": check_locale(locale),
+        "timezone": check_timezone(timezone),
+        "currency": check_currency(currency),
+        "metadata": check_object(metadata, "metadata", MAX_METADATA_BYTES),
+        "settings": check_settings(settings),
+        "subdomain": None if subdomain is None else check_subdomain(subdomain),
+        "upstream": None if upstream is None else plans.check_upstream(upstream, "upstream"),
+    }
+    hosts = check_domains(domains, config.base_domains)
+    return NewTenant(fields, hosts, plan or config.default_plan)
+
+
 def create(
     cp: ControlPlane,
     *,
@@ -434,25 +479,16 @@ def create(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """Onboard a tenant on the latest version of its plan, in trial if the plan has one."""
-    fields = {
-        "name": check_name(name),
-        "email": check_email(email),
-        "region": check_region(cp.settings, region),
-        "locale": check_locale(locale),
-        "timezone": check_timezone(timezone),
-        "currency": check_currency(currency),
-        "metadata": check_object(metadata, "metadata", MAX_METADATA_BYTES),
-        "settings": check_settings(settings),
-        "subdomain": None if subdomain is None else check_subdomain(subdomain),
-        "upstream": None if upstream is None else plans.check_upstream(upstream, "upstream"),
-    }
-    hosts = check_domains(domains, cp.settings.base_domains)
-    plan_id = plan or cp.settings.default_plan
+    new = new_tenant(
+        cp.settings, name=name, email=email, plan=plan, region=region, locale=locale,
+        timezone=timezone, currency=currency, metadata=metadata, settings=settings,
+        subdomain=subdomain, domains=domains, upstream=upstream,
+    )
     at = _utc(now)
     for attempt in range(ID_ATTEMPTS):
         try:
             with cp.transaction(actor) as tx:
-                return _insert(tx, fields, hosts, plan_id, at)
+                return create_in(tx, new, at)
         except IntegrityError:
             # A concurrent writer took the id, subdomain or a domain after our checks; the
             # next attempt's checks name the conflict, or pick a fresh id.
@@ -461,11 +497,10 @@ def create(
     raise AssertionError("unreachable")
 
 
-def _insert(
-    tx: Tx, fields: dict[str, Any], hosts: list[str], plan_id: str, now: datetime
-) -> dict[str, Any]:
-    conn = tx.conn
-    plan = plans.require(conn, plan_id)
+def create_in(tx: Tx, new: NewTenant, now: datetime) -> dict[str, Any]:
+    """Write the tenant, its audit event and its domains inside the caller's transaction."""
+    conn, fields, hosts = tx.conn, new.fields, new.hosts
+    plan = plans.require(conn, new.plan_id)
     tenant_id = _free_id(conn, fields["name"])
     _claim_subdomain(conn, fields["subdomain"], tenant_id)
     state = lifecycle.initial(plan.trial_days, now)

@@ -68,8 +68,7 @@ BENCH_PLANS: dict[str, Any] = {"plans": {
     },
 }}
 # What docs/performance.md recommends for the gateway's granian (see benchmarks/RESULTS.md).
-SERVE_OPTIONS = ("--loop", "uvloop", "--runtime-mode", "st", "--http", "1", "--backpressure", "32",
-                 "--no-access-log")
+SERVE_OPTIONS = ("--loop", "uvloop", "--runtime-mode", "st", "--http", "1", "--no-access-log")
 
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[

@@ -1,11 +1,15 @@
 """Control-plane benchmark: onboarding throughput and tenant list/search latency.
 
-1. Onboard N tenants, each with one API key, through the real services (`tenants.create`
-   then `keys.create`, two transactions each) on SQLite and on PostgreSQL.
+1. Onboard N tenants, each with one API key, on SQLite and on PostgreSQL (a fresh database
+   for each path), two ways in the same run: the reference per-call path (`tenants.create`
+   then `keys.create`, two transactions each) and `tenancy.onboarding.onboard` (one
+   transaction per tenant and key; a thread pool on PostgreSQL). `--sweep N` instead times
+   `onboard` of N tenants at several worker counts on both backends.
 2. On PostgreSQL, bulk-insert 100,000 tenants with executemany, then time `list_tenants`:
    the first page, a status filter, a plan filter, substring searches and deep cursor pages.
 
-Run: .venv/bin/python benchmarks/bench_tenants.py [--tenants 10000] [--rows 100000]
+Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_tenants.py [--tenants 10000]
+     [--reference 10000] [--rows 100000] [--onboarding-only] [--search-only] [--sweep 2000]
 PostgreSQL is reached at TOLLWAY_BENCH_PG (default postgres@127.0.0.1:5432, trust auth); a
 throwaway database is created and dropped. Change notifications are off (no Redis), so the
 figures are the store's cost alone.
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, insert, text
 
-from tenancy import keys, plans, tenants
+from tenancy import keys, onboarding, plans, tenants
 from tenancy.controlplane import ControlPlane
 from tenancy.ids import new_tenant_id
 from tenancy.settings import load_settings
@@ -71,25 +75,91 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def onboard(cp: ControlPlane, count: int) -> str:
+def specs(count: int) -> list[dict[str, object]]:
+    return [
+        {"name": f"{random.choice(WORDS).title()} Bench {i}", "email": f"owner{i}@bench.example",
+         "plan": random.choice(("starter", "professional"))}
+        for i in range(count)
+    ]
+
+
+def per_call(cp: ControlPlane, count: int) -> tuple[float, str]:
+    """The reference: `tenants.create` then `keys.create`, two transactions per tenant."""
     create_s, key_s = [], []
     start = time.perf_counter()
-    for i in range(count):
+    for spec in specs(count):
         t0 = time.perf_counter()
-        tenant = tenants.create(
-            cp, actor="bench", name=f"{random.choice(WORDS).title()} Bench {i}",
-            email=f"owner{i}@bench.example", plan=random.choice(("starter", "professional")),
-        )
+        tenant = tenants.create(cp, actor="bench", **spec)  # type: ignore[arg-type]
         t1 = time.perf_counter()
         keys.create(cp, tenant["id"], actor="bench")
         create_s.append(t1 - t0)
         key_s.append(time.perf_counter() - t1)
     total = time.perf_counter() - start
-    return (
+    return total, (
         f"{count} tenants+keys in {total:.1f} s = {count / total:,.0f}/s; tenants.create "
         f"p50 {pct(create_s, 0.5) * 1e3:.2f} ms p95 {pct(create_s, 0.95) * 1e3:.2f} ms; "
         f"keys.create p50 {pct(key_s, 0.5) * 1e3:.2f} ms p95 {pct(key_s, 0.95) * 1e3:.2f} ms"
     )
+
+
+def bulk(cp: ControlPlane, count: int, workers: int | None = None) -> tuple[float, str]:
+    """`onboarding.onboard`: one transaction per tenant and its key."""
+    batch = specs(count)
+    done: list[float] = []
+    start = time.perf_counter()
+    results = onboarding.onboard(
+        cp, batch, actor="bench", workers=workers,
+        progress=lambda _: done.append(time.perf_counter()),
+    )
+    total = time.perf_counter() - start
+    failed = sum(r.problem is not None for r in results)
+    used = workers or (onboarding.POSTGRES_WORKERS if cp.engine.dialect.name == "postgresql"
+                       else 1)
+    return total, (
+        f"{count} tenants+keys in {total:.1f} s = {count / total:,.0f}/s "
+        f"({used} worker(s), {failed} failed)"
+    )
+
+
+def fresh_plane(backend: str, tmp: Path) -> Iterator[ControlPlane]:
+    if backend == "SQLite":
+        cp = open_plane(f"sqlite:///{tmp}/bench-{uuid.uuid4().hex[:6]}.db", tmp)
+        yield cp
+        cp.close()
+        return
+    with pg_database() as url:
+        cp = open_plane(url, tmp)
+        yield cp
+        cp.close()
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def compare(count: int, reference: int) -> None:
+    for backend in ("SQLite", "PostgreSQL"):
+        with tempfile.TemporaryDirectory() as tmp:
+            for cp in fresh_plane(backend, Path(tmp)):
+                before = load()
+                ref_total, ref_line = per_call(cp, reference)
+                print(f"{backend} per-call reference ({before} -> {load()}): {ref_line}")
+            for cp in fresh_plane(backend, Path(tmp)):
+                before = load()
+                total, line = bulk(cp, count)
+                print(f"{backend} onboard ({before} -> {load()}): {line}")
+            ref_rate, rate = reference / ref_total, count / total
+            print(f"{backend} onboard / per-call throughput: {rate / ref_rate:.2f}x")
+
+
+def sweep(count: int) -> None:
+    for backend in ("SQLite", "PostgreSQL"):
+        for workers in (1, 2, 4, 8, 16):
+            with tempfile.TemporaryDirectory() as tmp:
+                for cp in fresh_plane(backend, Path(tmp)):
+                    before = load()
+                    _, line = bulk(cp, count, workers)
+                    print(f"{backend} onboard workers={workers} ({before} -> {load()}): {line}")
 
 
 def bulk_rows(count: int) -> Iterator[list[dict[str, object]]]:
@@ -166,19 +236,23 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--reference", type=int, default=None,
+                        help="tenants for the per-call reference (default: --tenants)")
     parser.add_argument("--search-only", action="store_true", help="skip onboarding")
+    parser.add_argument("--onboarding-only", action="store_true", help="skip list/search")
+    parser.add_argument("--sweep", type=int, default=0,
+                        help="only time onboard of this many tenants at 1-16 workers")
     args = parser.parse_args()
     random.seed(7)
     print(f"load average before: {os.getloadavg()[0]:.1f}")
+    if args.sweep:
+        sweep(args.sweep)
+        return
     if not args.search_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            cp = open_plane(f"sqlite:///{tmp}/bench.db", Path(tmp))
-            print("SQLite onboarding:", onboard(cp, args.tenants))
-            cp.close()
-        with pg_database() as url, tempfile.TemporaryDirectory() as tmp:
-            cp = open_plane(url, Path(tmp))
-            print("PostgreSQL onboarding:", onboard(cp, args.tenants))
-            cp.close()
+        compare(args.tenants, args.reference or args.tenants)
+    if args.onboarding_only:
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        return
     with pg_database() as url, tempfile.TemporaryDirectory() as tmp:
         cp = open_plane(url, Path(tmp))
         print("\n".join(search_scale(cp, args.rows, args.runs)))

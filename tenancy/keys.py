@@ -181,7 +181,7 @@ def _insert(
         "last_used_at": None,
         "rotated_from": rotated_from,
     }
-    conn.execute(insert(api_keys).values(**record, hash=hash_secret(secret)))
+    conn.execute(insert(api_keys), {**record, "hash": hash_secret(secret)})
     return record, secret
 
 

@@ -60,6 +60,8 @@ _DEGRADED_REFUSED = DEGRADED.labels("refused")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 
+_Args = tuple[tuple[bytes, ...], tuple[bytes, ...]]  # (key count and keys, after the lease id)
+
 
 @dataclass(frozen=True, slots=True)
 class Limit:
@@ -90,8 +92,8 @@ class Policy:
     local_rate_per_s: float = 0.0
     limits: tuple[Limit, ...] = field(init=False)
     policy_field: bytes = field(init=False)
-    script_args: tuple[int, ...] = field(init=False)
-    quota_args: tuple[int, ...] = field(init=False)
+    script_args: tuple[bytes, ...] = field(init=False)
+    quota_args: tuple[bytes, ...] = field(init=False)
     violations: tuple[str, ...] = field(init=False)
     slots: tuple[int, ...] = field(init=False)
 
@@ -134,12 +136,15 @@ class Policy:
         set_(self, "limits", tuple(limits))
         set_(self, "slots", tuple(slots))
         set_(self, "policy_field", ratelimit_headers.policy_field(self.limits))
-        set_(self, "script_args", (
+        # Script arguments as bytes: redis-py passes bytes through, where an int costs it a
+        # repr and an encode on every request.
+        set_(self, "script_args", _encoded(
             _interval_us(self.tenant_rate_per_s), self.tenant_burst,
             _interval_us(self.key_rate_per_s), self.key_burst,
             self.concurrency, self.lease_ttl_ms,
         ))
-        set_(self, "quota_args", tuple(n for _, limit, inc in self.quotas for n in (limit, inc)))
+        set_(self, "quota_args", _encoded(
+            *(n for _, limit, inc in self.quotas for n in (limit, inc))))
         set_(self, "violations", (
             "", "tenant-rate", "key-rate", "concurrency",
             *(f"quota:{meter}" for meter, _, _ in self.quotas),
@@ -185,6 +190,10 @@ def _interval_us(rate_per_s: float) -> int:
 
 def _window(burst: int, rate_per_s: float) -> int:
     return max(1, math.ceil(burst / rate_per_s))
+
+
+def _encoded(*values: int | str) -> tuple[bytes, ...]:
+    return tuple(str(v).encode() for v in values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +260,7 @@ class Admission:
         self.local = local or LocalLimiter()
         self.deny_cache_size = deny_cache_size
         self._denied: dict[tuple[str, str], tuple[float, Decision]] = {}
-        self._keys: dict[tuple[str, str, str, Policy], list[str]] = {}
+        self._args: dict[tuple[str, str, str, int, Policy], _Args] = {}
         self._lease_ids = itertools.count()
         self._node = os.urandom(6).hex()
         self._releases: list[tuple[str, str]] = []
@@ -259,11 +268,14 @@ class Admission:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Admission:
-        timeout_s = settings.redis_timeout_ms / 1000
+        # No socket timeout (redis-py 8 defaults to 5 s): every call is already bounded by
+        # `asyncio.timeout`, and with one redis-py wraps each write in `asyncio.wait_for` (a
+        # task per command) and each read in a second timer. A call cut off mid-command
+        # disconnects its connection.
         client = Redis.from_url(
             redis_url(settings),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
+            socket_timeout=None,
+            socket_connect_timeout=settings.redis_timeout_ms / 1000,
             # A retried EVALSHA could charge twice; the breaker, not the client, handles outages.
             retry=Retry(NoBackoff(), 0),
         )
@@ -298,15 +310,16 @@ class Admission:
         if not self.breaker.allow():
             return self._degraded(tenant_id, policy)
 
-        keys = self._keys.get((tenant_id, key_id, month, policy))
-        if keys is None:
-            keys = self._keys_for(tenant_id, key_id, month, policy)
+        args = self._args.get((tenant_id, key_id, month, month_reset_ms, policy))
+        if args is None:
+            args = self._args_for(tenant_id, key_id, month, month_reset_ms, policy)
+        keys, tail = args
         lease_id = f"{self._node}:{next(self._lease_ids)}" if policy.concurrency else ""
         try:
             async with asyncio.timeout(self.timeout_s):
                 reply = await self._run(
-                    len(keys), *keys, "" if now_ms is None else now_ms, *policy.script_args,
-                    lease_id, month_reset_ms, month_reset_ms + QUOTA_GRACE_MS, *policy.quota_args,
+                    *keys, b"" if now_ms is None else str(now_ms).encode(),
+                    *policy.script_args, lease_id.encode(), *tail,
                 )
         except _FAILURES:
             REDIS_FAILURES.inc()
@@ -363,14 +376,22 @@ class Admission:
             reply = await self.client.eval(SCRIPT, *args)
         return reply
 
-    def _keys_for(self, tenant_id: str, key_id: str, month: str, policy: Policy) -> list[str]:
+    def _args_for(
+        self, tenant_id: str, key_id: str, month: str, month_reset_ms: int, policy: Policy
+    ) -> _Args:
+        """The script's arguments that stay the same for a tenant, key, month and policy:
+        the key count and keys, and those after the lease id (month reset, expiry, quotas)."""
         tag = f"{{t:{tenant_id}}}"
         keys = [f"{tag}:rate", f"{tag}:rate:k:{key_id}", f"{tag}:leases"]
         keys.extend(quota_key(tenant_id, meter, month) for meter, _, _ in policy.quotas)
-        if len(self._keys) >= self.deny_cache_size:
-            self._keys.clear()
-        self._keys[(tenant_id, key_id, month, policy)] = keys
-        return keys
+        args = (
+            _encoded(len(keys), *keys),
+            _encoded(month_reset_ms, month_reset_ms + QUOTA_GRACE_MS) + policy.quota_args,
+        )
+        if len(self._args) >= self.deny_cache_size:
+            self._args.clear()
+        self._args[(tenant_id, key_id, month, month_reset_ms, policy)] = args
+        return args
 
     def _decide(
         self,

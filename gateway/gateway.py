@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import orjson
-import redis.asyncio as aioredis
 from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
@@ -338,20 +337,22 @@ class Gateway:
                    if inc == 0 and units.get(meter)]
         if charges:
             task = asyncio.get_running_loop().create_task(
-                _incr(self.admission.client, tenant_id, charges, month, reset_ms))
+                _incr(self.admission, tenant_id, charges, month, reset_ms))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
 
-async def _incr(client: aioredis.Redis, tenant_id: str, charges: list[tuple[str, int]],
+async def _incr(admission: Admission, tenant_id: str, charges: list[tuple[str, int]],
                 month: str, reset_ms: int) -> None:
     try:
-        async with client.pipeline(transaction=False) as pipe:
-            for meter, amount in charges:
-                key = quota_key(tenant_id, meter, month)
-                pipe.incrby(key, amount)
-                pipe.pexpireat(key, reset_ms + QUOTA_GRACE_MS)
-            await pipe.execute()
+        # the admission client has no socket timeout of its own: every call brings one
+        async with asyncio.timeout(admission.timeout_s * 2):
+            async with admission.client.pipeline(transaction=False) as pipe:
+                for meter, amount in charges:
+                    key = quota_key(tenant_id, meter, month)
+                    pipe.incrby(key, amount)
+                    pipe.pexpireat(key, reset_ms + QUOTA_GRACE_MS)
+                await pipe.execute()
     except Exception as exc:  # usage events still carry the units; only the check lags
         log.warning("could not add reported units to %s's quota counters: %s", tenant_id, exc)
 

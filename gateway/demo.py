@@ -44,7 +44,7 @@ DEMO_TENANTS = (
 )
 REQUESTS_PER_TENANT = 60
 CONCURRENCY = 12
-METERING_WAIT_S = 20.0
+METERING_WAIT_S = 60.0
 
 
 @dataclass
@@ -149,6 +149,8 @@ async def _metered(base_url: str, token: str, outcomes: dict[str, Outcome]) -> N
             for tenant_id, outcome in list(pending.items()):
                 url = f"{base_url}/admin/v1/tenants/{tenant_id}/report"
                 async with session.get(url, headers=headers) as resp:
+                    if resp.status != 200:  # e.g. 503 while the worker holds ClickHouse
+                        continue
                     doc = await resp.json()
                 lines = {line["meter"]: str(line["current"]) for line in doc.get("lines", [])}
                 outcome.metered = {m: _plain(v) for m, v in lines.items() if float(v)}

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter
@@ -196,6 +195,19 @@ def _encoded(*values: int | str) -> tuple[bytes, ...]:
     return tuple(str(v).encode() for v in values)
 
 
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+_EVALSHA = _bulk(b"EVALSHA") + _bulk(SCRIPT_SHA.encode())
+_EVAL = _bulk(b"EVAL") + _bulk(SCRIPT.encode())
+
+
+def _command(head: bytes, args: tuple[bytes, ...]) -> bytes:
+    """The RESP array of a script call: `head` (the command and its script, packed) + args."""
+    return b"".join([b"*%d\r\n" % (len(args) + 2), head, *map(_bulk, args)])
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of admission. `remaining` and `reset_s` align with `policy.limits`; they are
@@ -368,12 +380,22 @@ class Admission:
             await asyncio.gather(self._releasing, return_exceptions=True)
         await self.client.aclose()
 
-    async def _run(self, *args: Any) -> list[int]:
+    async def _run(self, *args: bytes) -> list[int]:
+        """EVALSHA, packed here and sent on a pooled connection: redis-py's `execute_command`
+        spends more CPU on packing, retry and telemetry hooks than Redis spends on the script.
+        A call cut off mid-command leaves its connection disconnected (redis-py's own rule)."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            reply: list[int] = await self.client.evalsha(SCRIPT_SHA, *args)
-        except NoScriptError:
-            # The script cache was flushed or Redis restarted; EVAL loads it again.
-            reply = await self.client.eval(SCRIPT, *args)
+            await conn.send_packed_command(_command(_EVALSHA, args))
+            try:
+                reply: list[int] = await conn.read_response()
+            except NoScriptError:
+                # The script cache was flushed or Redis restarted; EVAL loads it again.
+                await conn.send_packed_command(_command(_EVAL, args))
+                reply = await conn.read_response()
+        finally:
+            await pool.release(conn)
         return reply
 
     def _args_for(

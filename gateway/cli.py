@@ -19,14 +19,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
+import orjson
 import typer
 
 from gateway import bootstrap, cli_output, server
 from gateway import demo as demo_run
-from tenancy import admin_tokens, keys, plans, tenants
+from tenancy import admin_tokens, keys, onboarding, plans, tenants
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
 from tenancy.settings import Settings, load_settings
@@ -829,6 +831,134 @@ def tenants_show(ctx: typer.Context, tenant_id: str, as_json: Json = False) -> N
         cli_output.emit_json(tenant)
     else:
         cli_output.record(f"tenant {tenant_id}", tenant)
+
+
+class ImportFormat(StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+@tenants_app.command("import")
+def tenants_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="JSON Lines or CSV (name,email,plan[,subdomain,"
+                                              "domain,upstream]).", dir_okay=False)],
+    with_keys: Annotated[bool, typer.Option("--with-keys", help="Give each tenant a key.")]
+    = False,
+    keys_out: Annotated[Path | None, typer.Option(
+        help="New file (mode 0600) for the secrets, one JSON line per key.", dir_okay=False)]
+    = None,
+    fmt: Annotated[ImportFormat | None, typer.Option(
+        "--format", help="Input format (default: by extension, .csv or JSON Lines).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=32, help="Concurrent transactions (default: 8 on PostgreSQL, 1 on SQLite).")]
+    = None,
+    as_json: Json = False,
+) -> None:
+    """Onboard many tenants, each in its own transaction with its key (--with-keys).
+
+    Prints the new ids (with --json: a summary, with the secrets unless --keys-out holds
+    them). An entry that is refused fails alone; exit 1 if any did.
+    """
+    if keys_out is not None and not with_keys:
+        raise typer.BadParameter("only --with-keys makes secrets to write", param_hint="--keys-out")
+    if with_keys and keys_out is None and not as_json:
+        raise typer.BadParameter(
+            "say where the secrets go: --keys-out FILE, or --json for stdout",
+            param_hint="--with-keys",
+        )
+    with _reporting(as_json):
+        entries = onboarding.read_file(file, fmt.value if fmt else None)
+    with _control_plane(ctx, as_json) as cp, _secrets_file(keys_out) as sink:
+        bar = cli_output.progress()
+
+        def done(outcome: onboarding.Outcome) -> None:
+            if sink is not None and outcome.secret is not None:
+                sink.write(_key_line(entries[outcome.index].line, outcome))
+                sink.flush()
+            bar.advance(task)
+
+        with bar:
+            task = bar.add_task(f"importing {file.name}", total=len(entries))
+            outcomes = onboarding.onboard(
+                cp, [e.spec for e in entries], actor=bootstrap.cli_actor(), with_keys=with_keys,
+                workers=workers, progress=done,
+            )
+    created = [o for o in outcomes if o.tenant is not None]
+    failed = [(entries[o.index].line, o.problem) for o in outcomes if o.problem is not None]
+    for _, problem in failed:
+        if "earlier_entry" in problem.extra:  # an index means nothing to the file's author
+            problem.extra["earlier_line"] = entries[problem.extra.pop("earlier_entry")].line
+            problem.detail += f" (line {problem.extra['earlier_line']})"
+    if as_json:
+        cli_output.emit_json({
+            "created": len(created),
+            "failed": len(failed),
+            "keys_out": None if keys_out is None else str(keys_out),
+            "tenants": [_imported(entries[o.index].line, o, keys_out is None) for o in created],
+            "failures": [{"line": line, "problem": p.body()} for line, p in failed],
+        })
+    else:
+        for outcome in created:
+            cli_output.line((outcome.tenant or {})["id"])
+        _import_summary(len(created), failed, keys_out)
+    if failed:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _secrets_file(path: Path | None) -> Iterator[Any]:
+    """Created before the first tenant, never over an existing file: secrets are shown once,
+    so a file that already holds some must not be clobbered."""
+    if path is None:
+        yield None
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise typer.BadParameter(f"{path} exists; refusing to overwrite it",
+                                 param_hint="--keys-out") from None
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create {path}: {exc.strerror}",
+                                 param_hint="--keys-out") from None
+    sink = os.fdopen(fd, "w", encoding="utf-8")
+    try:
+        yield sink
+    finally:
+        sink.flush()
+        os.fsync(sink.fileno())
+        empty = sink.tell() == 0
+        sink.close()
+        if empty:  # nothing was created: leave no file that would block the rerun
+            path.unlink()
+
+
+def _key_line(line: int, outcome: onboarding.Outcome) -> str:
+    tenant, key = outcome.tenant or {}, outcome.key or {}
+    doc = {"line": line, "tenant_id": tenant["id"], "name": tenant["name"], "key_id": key["id"],
+           "secret": outcome.secret}
+    return orjson.dumps(doc).decode() + "\n"
+
+
+def _imported(line: int, outcome: onboarding.Outcome, with_secret: bool) -> dict[str, Any]:
+    tenant = outcome.tenant or {}
+    doc = {"line": line, "id": tenant["id"], "name": tenant["name"]}
+    if outcome.key is not None:
+        doc |= {"key_id": outcome.key["id"], "key_prefix": outcome.key["prefix"]}
+        if with_secret:
+            doc["secret"] = outcome.secret
+    return doc
+
+
+def _import_summary(created: int, failed: list[tuple[int, Problem]], keys_out: Path | None
+                    ) -> None:
+    console = cli_output.err()
+    where = f"; their keys' secrets are in {keys_out} (shown once)" if keys_out else ""
+    console.print(f"[bold green]created {created}[/]{where}", highlight=False)
+    if failed:
+        console.print(f"[bold red]failed {len(failed)}:[/]", highlight=False)
+    for line, problem in failed:
+        console.print(f"  line {line}: {problem.detail}", highlight=False, soft_wrap=True)
 
 
 def _transition(ctx: typer.Context, tenant_id: str, action: str, reason: str | None,

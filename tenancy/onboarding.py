@@ -150,8 +150,8 @@ def _first_claims(pending: list[_Checked], outcomes: list[Outcome]) -> list[_Che
         if clash is not None:
             field, value = clash
             outcomes[entry.index].problem = conflict(
-                f"{field.removesuffix('s')} {value!r} is claimed by entry "
-                f"{claimed[clash] + 1} of this import",
+                f"{field.removesuffix('s')} {value!r} is claimed by an earlier entry of this "
+                "import", earlier_entry=claimed[clash],
                 errors=[{"field": field, "message": "claimed by an earlier entry"}],
             )
             continue

@@ -59,7 +59,9 @@ _DEGRADED_REFUSED = DEGRADED.labels("refused")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 
-_Args = tuple[tuple[bytes, ...], tuple[bytes, ...]]  # (key count and keys, after the lease id)
+# A script call packed in RESP, but for the command and the two arguments that change per
+# request (now and the lease id): (array header, key count and keys, before the lease, after it)
+_Call = tuple[bytes, bytes, bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +205,8 @@ _EVALSHA = _bulk(b"EVALSHA") + _bulk(SCRIPT_SHA.encode())
 _EVAL = _bulk(b"EVAL") + _bulk(SCRIPT.encode())
 
 
-def _command(head: bytes, args: tuple[bytes, ...]) -> bytes:
-    """The RESP array of a script call: `head` (the command and its script, packed) + args."""
-    return b"".join([b"*%d\r\n" % (len(args) + 2), head, *map(_bulk, args)])
+def _packed(args: tuple[bytes, ...]) -> bytes:
+    return b"".join(map(_bulk, args))
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +273,7 @@ class Admission:
         self.local = local or LocalLimiter()
         self.deny_cache_size = deny_cache_size
         self._denied: dict[tuple[str, str], tuple[float, Decision]] = {}
-        self._args: dict[tuple[str, str, str, int, Policy], _Args] = {}
+        self._calls: dict[tuple[str, str, str, int, Policy], _Call] = {}
         self._lease_ids = itertools.count()
         self._node = os.urandom(6).hex()
         self._releases: list[tuple[str, str]] = []
@@ -322,17 +323,14 @@ class Admission:
         if not self.breaker.allow():
             return self._degraded(tenant_id, policy)
 
-        args = self._args.get((tenant_id, key_id, month, month_reset_ms, policy))
-        if args is None:
-            args = self._args_for(tenant_id, key_id, month, month_reset_ms, policy)
-        keys, tail = args
+        call = self._calls.get((tenant_id, key_id, month, month_reset_ms, policy))
+        if call is None:
+            call = self._call_for(tenant_id, key_id, month, month_reset_ms, policy)
         lease_id = f"{self._node}:{next(self._lease_ids)}" if policy.concurrency else ""
         try:
             async with asyncio.timeout(self.timeout_s):
                 reply = await self._run(
-                    *keys, b"" if now_ms is None else str(now_ms).encode(),
-                    *policy.script_args, lease_id.encode(), *tail,
-                )
+                    call, b"" if now_ms is None else str(now_ms).encode(), lease_id.encode())
         except _FAILURES:
             REDIS_FAILURES.inc()
             self.breaker.failure()
@@ -380,40 +378,44 @@ class Admission:
             await asyncio.gather(self._releasing, return_exceptions=True)
         await self.client.aclose()
 
-    async def _run(self, *args: bytes) -> list[int]:
+    async def _run(self, call: _Call, now: bytes, lease_id: bytes) -> list[int]:
         """EVALSHA, packed here and sent on a pooled connection: redis-py's `execute_command`
         spends more CPU on packing, retry and telemetry hooks than Redis spends on the script.
         A call cut off mid-command leaves its connection disconnected (redis-py's own rule)."""
+        header, keys, middle, tail = call
+        varying = (_bulk(now), middle, _bulk(lease_id), tail)
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(_command(_EVALSHA, args))
+            await conn.send_packed_command(b"".join((header, _EVALSHA, keys, *varying)))
             try:
                 reply: list[int] = await conn.read_response()
             except NoScriptError:
                 # The script cache was flushed or Redis restarted; EVAL loads it again.
-                await conn.send_packed_command(_command(_EVAL, args))
+                await conn.send_packed_command(b"".join((header, _EVAL, keys, *varying)))
                 reply = await conn.read_response()
         finally:
             await pool.release(conn)
         return reply
 
-    def _args_for(
+    def _call_for(
         self, tenant_id: str, key_id: str, month: str, month_reset_ms: int, policy: Policy
-    ) -> _Args:
-        """The script's arguments that stay the same for a tenant, key, month and policy:
-        the key count and keys, and those after the lease id (month reset, expiry, quotas)."""
+    ) -> _Call:
+        """The script call's parts that stay the same for a tenant, key, month and policy
+        (argument layout: admission.lua), packed once."""
         tag = f"{{t:{tenant_id}}}"
         keys = [f"{tag}:rate", f"{tag}:rate:k:{key_id}", f"{tag}:leases"]
         keys.extend(quota_key(tenant_id, meter, month) for meter, _, _ in policy.quotas)
-        args = (
-            _encoded(len(keys), *keys),
-            _encoded(month_reset_ms, month_reset_ms + QUOTA_GRACE_MS) + policy.quota_args,
+        tail = _encoded(month_reset_ms, month_reset_ms + QUOTA_GRACE_MS) + policy.quota_args
+        count = 2 + 1 + len(keys) + 1 + len(policy.script_args) + 1 + len(tail)
+        call = (
+            b"*%d\r\n" % count, _packed(_encoded(len(keys), *keys)),
+            _packed(policy.script_args), _packed(tail),
         )
-        if len(self._args) >= self.deny_cache_size:
-            self._args.clear()
-        self._args[(tenant_id, key_id, month, month_reset_ms, policy)] = args
-        return args
+        if len(self._calls) >= self.deny_cache_size:
+            self._calls.clear()
+        self._calls[(tenant_id, key_id, month, month_reset_ms, policy)] = call
+        return call
 
     def _decide(
         self,

@@ -65,7 +65,7 @@ class Settings:
     usage_shards: int = 4
     usage_flush_ms: int = 100
     usage_batch: int = 5000
-    consumer_batch: int = 20000
+    consumer_batch: int = 50000
     spool_max_bytes: int = 256 * 1024 * 1024
     usage_claim_idle_ms: int = 30000
     raw_ttl_days: int = 400

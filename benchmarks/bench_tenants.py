@@ -3,13 +3,15 @@
 1. Onboard N tenants, each with one API key, on SQLite and on PostgreSQL (a fresh database
    for each path), two ways in the same run: the reference per-call path (`tenants.create`
    then `keys.create`, two transactions each) and `tenancy.onboarding.onboard` (one
-   transaction per tenant and key; a thread pool on PostgreSQL). `--sweep N` instead times
+   transaction per tenant and key; a thread pool on PostgreSQL). The two alternate in chunks
+   of `--chunk` tenants so that load from other work hits both alike; each line gives wall
+   time and this process's CPU time. `--sweep N` instead times
    `onboard` of N tenants at several worker counts on both backends.
 2. On PostgreSQL, bulk-insert 100,000 tenants with executemany, then time `list_tenants`:
    the first page, a status filter, a plan filter, substring searches and deep cursor pages.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_tenants.py [--tenants 10000]
-     [--reference 10000] [--rows 100000] [--onboarding-only] [--search-only] [--sweep 2000]
+     [--chunk 1000] [--rows 100000] [--onboarding-only] [--search-only] [--sweep 2000]
 PostgreSQL is reached at TOLLWAY_BENCH_PG (default postgres@127.0.0.1:5432, trust auth); a
 throwaway database is created and dropped. Change notifications are off (no Redis), so the
 figures are the store's cost alone.
@@ -26,6 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -75,52 +78,65 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def specs(count: int) -> list[dict[str, object]]:
+def specs(count: int, first: int = 0) -> list[dict[str, object]]:
     return [
         {"name": f"{random.choice(WORDS).title()} Bench {i}", "email": f"owner{i}@bench.example",
          "plan": random.choice(("starter", "professional"))}
-        for i in range(count)
+        for i in range(first, first + count)
     ]
 
 
-def per_call(cp: ControlPlane, count: int) -> tuple[float, str]:
+@dataclass
+class Run:
+    """One onboarding path's running totals: wall and this process's CPU seconds."""
+
+    name: str
+    count: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+    failed: int = 0
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"tenant": [], "key": []})
+
+    def line(self, extra: str = "") -> str:
+        rate = self.count / self.wall
+        out = (f"{self.count} tenants+keys in {self.wall:.1f} s = {rate:,.0f}/s, process CPU "
+               f"{self.cpu:.1f} s ({self.cpu / self.count * 1e3:.2f} ms/tenant){extra}")
+        if self.samples["tenant"]:
+            t, k = self.samples["tenant"], self.samples["key"]
+            out += (f"; tenants.create p50 {pct(t, 0.5) * 1e3:.2f} ms p95 {pct(t, 0.95) * 1e3:.2f}"
+                    f" ms; keys.create p50 {pct(k, 0.5) * 1e3:.2f} ms p95 "
+                    f"{pct(k, 0.95) * 1e3:.2f} ms")
+        return out
+
+
+def per_call(cp: ControlPlane, batch: list[dict[str, object]], into: Run) -> None:
     """The reference: `tenants.create` then `keys.create`, two transactions per tenant."""
-    create_s, key_s = [], []
-    start = time.perf_counter()
-    for spec in specs(count):
+    start, cpu = time.perf_counter(), time.process_time()
+    for spec in batch:
         t0 = time.perf_counter()
         tenant = tenants.create(cp, actor="bench", **spec)  # type: ignore[arg-type]
         t1 = time.perf_counter()
         keys.create(cp, tenant["id"], actor="bench")
-        create_s.append(t1 - t0)
-        key_s.append(time.perf_counter() - t1)
-    total = time.perf_counter() - start
-    return total, (
-        f"{count} tenants+keys in {total:.1f} s = {count / total:,.0f}/s; tenants.create "
-        f"p50 {pct(create_s, 0.5) * 1e3:.2f} ms p95 {pct(create_s, 0.95) * 1e3:.2f} ms; "
-        f"keys.create p50 {pct(key_s, 0.5) * 1e3:.2f} ms p95 {pct(key_s, 0.95) * 1e3:.2f} ms"
-    )
+        into.samples["tenant"].append(t1 - t0)
+        into.samples["key"].append(time.perf_counter() - t1)
+    into.wall += time.perf_counter() - start
+    into.cpu += time.process_time() - cpu
+    into.count += len(batch)
 
 
-def bulk(cp: ControlPlane, count: int, workers: int | None = None) -> tuple[float, str]:
+def bulk(
+    cp: ControlPlane, batch: list[dict[str, object]], into: Run, workers: int | None = None
+) -> None:
     """`onboarding.onboard`: one transaction per tenant and its key."""
-    batch = specs(count)
-    done: list[float] = []
-    start = time.perf_counter()
-    results = onboarding.onboard(
-        cp, batch, actor="bench", workers=workers,
-        progress=lambda _: done.append(time.perf_counter()),
-    )
-    total = time.perf_counter() - start
-    failed = sum(r.problem is not None for r in results)
-    used = workers or (onboarding.POSTGRES_WORKERS if cp.engine.dialect.name == "postgresql"
-                       else 1)
-    return total, (
-        f"{count} tenants+keys in {total:.1f} s = {count / total:,.0f}/s "
-        f"({used} worker(s), {failed} failed)"
-    )
+    start, cpu = time.perf_counter(), time.process_time()
+    results = onboarding.onboard(cp, batch, actor="bench", workers=workers)
+    into.wall += time.perf_counter() - start
+    into.cpu += time.process_time() - cpu
+    into.count += len(batch)
+    into.failed += sum(r.problem is not None for r in results)
 
 
+@contextmanager
 def fresh_plane(backend: str, tmp: Path) -> Iterator[ControlPlane]:
     if backend == "SQLite":
         cp = open_plane(f"sqlite:///{tmp}/bench-{uuid.uuid4().hex[:6]}.db", tmp)
@@ -133,33 +149,35 @@ def fresh_plane(backend: str, tmp: Path) -> Iterator[ControlPlane]:
         cp.close()
 
 
-def load() -> str:
-    return f"load {os.getloadavg()[0]:.1f}"
-
-
-def compare(count: int, reference: int) -> None:
+def compare(count: int, chunk: int) -> None:
+    """Both paths on their own fresh database, alternating in chunks, so a load swing from
+    other work on a shared box hits both alike."""
     for backend in ("SQLite", "PostgreSQL"):
-        with tempfile.TemporaryDirectory() as tmp:
-            for cp in fresh_plane(backend, Path(tmp)):
-                before = load()
-                ref_total, ref_line = per_call(cp, reference)
-                print(f"{backend} per-call reference ({before} -> {load()}): {ref_line}")
-            for cp in fresh_plane(backend, Path(tmp)):
-                before = load()
-                total, line = bulk(cp, count)
-                print(f"{backend} onboard ({before} -> {load()}): {line}")
-            ref_rate, rate = reference / ref_total, count / total
-            print(f"{backend} onboard / per-call throughput: {rate / ref_rate:.2f}x")
+        with tempfile.TemporaryDirectory() as tmp, fresh_plane(backend, Path(tmp)) as ref_cp, \
+                fresh_plane(backend, Path(tmp)) as new_cp:
+            ref, new = Run("per-call"), Run("onboard")
+            loads = []
+            for first in range(0, count, chunk):
+                batch = specs(min(chunk, count - first), first)
+                per_call(ref_cp, batch, ref)
+                bulk(new_cp, batch, new)
+                loads.append(os.getloadavg()[0])
+            workers = onboarding.POSTGRES_WORKERS if backend == "PostgreSQL" else 1
+            print(f"{backend}, load average {min(loads):.1f}-{max(loads):.1f} during the run")
+            print(f"  per-call reference: {ref.line()}")
+            print(f"  onboard ({workers} worker(s), {new.failed} failed): {new.line()}")
+            print(f"  onboard / per-call throughput: {ref.wall / new.wall:.2f}x")
 
 
 def sweep(count: int) -> None:
     for backend in ("SQLite", "PostgreSQL"):
         for workers in (1, 2, 4, 8, 16):
-            with tempfile.TemporaryDirectory() as tmp:
-                for cp in fresh_plane(backend, Path(tmp)):
-                    before = load()
-                    _, line = bulk(cp, count, workers)
-                    print(f"{backend} onboard workers={workers} ({before} -> {load()}): {line}")
+            with tempfile.TemporaryDirectory() as tmp, fresh_plane(backend, Path(tmp)) as cp:
+                before = os.getloadavg()[0]
+                run = Run("onboard")
+                bulk(cp, specs(count), run, workers)
+                print(f"{backend} onboard workers={workers} (load {before:.1f} -> "
+                      f"{os.getloadavg()[0]:.1f}): {run.line()}")
 
 
 def bulk_rows(count: int) -> Iterator[list[dict[str, object]]]:
@@ -236,8 +254,8 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--reference", type=int, default=None,
-                        help="tenants for the per-call reference (default: --tenants)")
+    parser.add_argument("--chunk", type=int, default=1000,
+                        help="the two onboarding paths alternate in chunks of this many")
     parser.add_argument("--search-only", action="store_true", help="skip onboarding")
     parser.add_argument("--onboarding-only", action="store_true", help="skip list/search")
     parser.add_argument("--sweep", type=int, default=0,
@@ -249,7 +267,7 @@ def main() -> None:
         sweep(args.sweep)
         return
     if not args.search_only:
-        compare(args.tenants, args.reference or args.tenants)
+        compare(args.tenants, args.chunk)
     if args.onboarding_only:
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         return

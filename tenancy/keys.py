@@ -212,10 +212,15 @@ def new_key(
     return NewKey(name, scope_list, mode, check_expiry(expires_at, now))
 
 
-def create_in(tx: Tx, tenant_id: str, key: NewKey, now: datetime) -> tuple[dict[str, Any], str]:
+def create_in(
+    tx: Tx, tenant_id: str, key: NewKey, now: datetime, *, tenant_is_new: bool = False
+) -> tuple[dict[str, Any], str]:
     """Mint a key inside the caller's transaction, with its audit event, so a tenant and its
-    first key can commit together (tenancy.onboarding)."""
-    lock_open_tenant(tx.conn, tenant_id)
+    first key can commit together (tenancy.onboarding). `tenant_is_new`: the tenant row was
+    inserted by this transaction, so no one else can see, close or delete it; the share lock
+    and status check would only cost a round trip."""
+    if not tenant_is_new:
+        lock_open_tenant(tx.conn, tenant_id)
     record, secret = _insert(
         tx.conn, tenant_id=tenant_id, name=key.name, mode=key.mode, scopes=key.scopes,
         expires_at=key.expires_at, now=now,

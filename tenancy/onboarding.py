@@ -169,7 +169,9 @@ def _write(cp: ControlPlane, actor: str, entry: _Checked) -> Outcome:
                 tenant = tenants.create_in(tx, entry.tenant, now)
                 if entry.key is None:
                     return Outcome(entry.index, tenant=tenant)
-                record, secret = keys.create_in(tx, tenant["id"], entry.key, now)
+                record, secret = keys.create_in(
+                    tx, tenant["id"], entry.key, now, tenant_is_new=True
+                )
             return Outcome(entry.index, tenant=tenant, key=record, secret=secret)
         except Problem as exc:
             return Outcome(entry.index, problem=exc)

@@ -362,11 +362,14 @@ class Admission:
         try:
             while self._releases:
                 batch, self._releases = self._releases, []
+                by_key: dict[str, list[str]] = {}
+                for key, lease_id in batch:  # one ZREM per lease set, not per lease
+                    by_key.setdefault(key, []).append(lease_id)
                 try:
                     async with asyncio.timeout(self.timeout_s * 2):
                         async with self.client.pipeline(transaction=False) as pipe:
-                            for key, lease_id in batch:
-                                pipe.zrem(key, lease_id)
+                            for key, lease_ids in by_key.items():
+                                pipe.zrem(key, *lease_ids)
                             await pipe.execute()
                 except _FAILURES:  # unreturned leases lapse by TTL
                     REDIS_FAILURES.inc()

@@ -851,7 +851,7 @@ def tenants_import(
     fmt: Annotated[ImportFormat | None, typer.Option(
         "--format", help="Input format (default: by extension, .csv or JSON Lines).")] = None,
     workers: Annotated[int | None, typer.Option(
-        min=1, max=32, help="Concurrent transactions (default: 8 on PostgreSQL, 1 on SQLite).")]
+        min=1, max=32, help="Concurrent transactions (default: 4 on PostgreSQL, 1 on SQLite).")]
     = None,
     as_json: Json = False,
 ) -> None:

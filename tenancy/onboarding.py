@@ -36,7 +36,7 @@ CSV_COLUMNS = frozenset(
     {"name", "email", "plan", "region", "locale", "timezone", "currency", "subdomain",
      "domain", "domains", "upstream"}
 )
-POSTGRES_WORKERS = 8
+POSTGRES_WORKERS = 4
 MAX_REPORTED_LINES = 20
 _HOST_SEPARATORS = re.compile(r"[\s;]+")
 

@@ -32,6 +32,10 @@ SPEC_FIELDS = frozenset(
     {"name", "email", "plan", "region", "locale", "timezone", "currency", "metadata",
      "settings", "subdomain", "domains", "upstream"}
 )
+TEXT_FIELDS = frozenset(
+    {"name", "email", "plan", "region", "locale", "timezone", "currency", "subdomain",
+     "upstream"}
+)
 CSV_COLUMNS = frozenset(
     {"name", "email", "plan", "region", "locale", "timezone", "currency", "subdomain",
      "domain", "domains", "upstream"}
@@ -133,6 +137,14 @@ def _check(cp: ControlPlane, index: int, spec: Mapping[str, Any], with_keys: boo
     missing = [name for name in ("name", "email") if spec.get(name) is None]
     if missing:
         raise invalid(f"{missing[0]} is required", missing[0])
+    # Entries come from files, where any JSON value can sit in any field: a number where the
+    # store expects text must be a refusal of this entry, not a driver error ending the import.
+    for name in sorted(TEXT_FIELDS & set(spec)):
+        if spec[name] is not None and not isinstance(spec[name], str):
+            raise invalid(f"{name} must be a string", name)
+    hosts = spec.get("domains", ())
+    if not isinstance(hosts, list | tuple) or not all(isinstance(h, str) for h in hosts):
+        raise invalid("domains must be a list of host names", "domains")
     tenant = tenants.new_tenant(cp.settings, **spec)
     key = keys.new_key(cp.settings.key_environment, now=datetime.now(UTC)) if with_keys else None
     return _Checked(index, tenant, key)

@@ -94,12 +94,16 @@ def test_a_refused_entry_fails_alone_and_leaves_nothing(seeded: ControlPlane) ->
         _spec(5, plan="no-such-plan"),
         _spec(6, colour="blue"),
         _spec(7),
+        _spec(8, plan=7),  # what a JSON file can hold; refused before the driver sees it
+        _spec(9, domains=5),
+        _spec(10, domains="one.example"),
     ]
     before_events = _count(seeded, audit_events)
     outcomes = onboarding.onboard(seeded, specs, actor="admin:test")
 
     refused = {o.index: o.problem for o in outcomes if o.problem is not None}
-    assert set(refused) == {1, 2, 4, 5, 6}
+    assert set(refused) == {1, 2, 4, 5, 6, 8, 9, 10}
+    assert {refused[i].extra["errors"][0]["field"] for i in (8, 9, 10)} == {"plan", "domains"}
     assert refused[1] is not None and refused[1].status == 422
     assert refused[1].extra["errors"][0]["field"] == "email"
     assert refused[2] is not None and refused[2].status == 409 and "taken.example" in (

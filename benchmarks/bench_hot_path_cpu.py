@@ -6,9 +6,10 @@ Same setup as bench_gateway_overhead.py (a granian upstream, a private redis-ser
 SQLite control plane, the Gateway in this process, the access log written to /dev/null).
 Wall time on the shared 2-core box swings with the neighbours' load; this process's own CPU
 time does much less, so each round reports `time.process_time()` per request for the bare
-aiohttp request ("direct") and for the full gateway path, and the summary takes the median
-round. The gateway figure includes the client-side halves of its Redis and upstream calls;
-"added" is the gateway's CPU on top of the bare proxying request.
+aiohttp request ("direct"), for the full gateway path, and for the admission call alone
+(`Admission.admit` + `release_later` for the bench tenant, as the gateway makes them), and the
+summary takes the median round. The gateway figure includes the client-side halves of its
+Redis and upstream calls; "added" is the gateway's CPU on top of the bare proxying request.
 
 `--profile N` runs cProfile over one extra gateway round and prints the N most expensive
 functions by own time and by cumulative time.
@@ -31,9 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_gateway_overhead as setup  # noqa: E402
+import bench_gateway_overhead as setup
 
-from gateway.gateway import Gateway  # noqa: E402
+from gateway.admission import month_window
+from gateway.gateway import Gateway
 
 
 def main() -> None:
@@ -78,6 +80,18 @@ async def cpu_rounds(gateway: Gateway, upstream: str, secret: str, n: int, c: in
                  "client": ("127.0.0.1", 50000), "http_version": "1.1"}
         await gateway(scope, receive, send)
 
+    tenant = next(iter(gateway.refresher.snapshot.tenants.values()))
+    key_id = next(iter(gateway.refresher.snapshot.keys.values())).id
+    assert tenant.plan is not None
+    policy = gateway.policy(tenant.plan)
+
+    async def admission() -> None:
+        month, reset_ms = month_window(tenant.tz, int(time.time() * 1000))
+        decision = await gateway.admission.admit(tenant.id, key_id, policy, month=month,
+                                                 month_reset_ms=reset_ms)
+        statuses.append(decision.status)
+        gateway.admission.release_later(tenant.id, decision.lease_id)
+
     async def cpu(fn: Any, count: int) -> float:
         per = count // c
 
@@ -92,16 +106,18 @@ async def cpu_rounds(gateway: Gateway, upstream: str, secret: str, n: int, c: in
     await cpu(direct, 500)
     await cpu(through, 500)
     statuses.clear()
-    directs, gateways = [], []
+    directs, gateways, admits = [], [], []
     for i in range(rounds):
-        d, g = await cpu(direct, n), await cpu(through, n)
+        d, g, a = await cpu(direct, n), await cpu(through, n), await cpu(admission, n)
         directs.append(d)
         gateways.append(g)
-        print(f"round {i + 1}: direct {d:6.1f} µs CPU/req  gateway {g:6.1f}  added {g - d:6.1f}")
+        admits.append(a)
+        print(f"round {i + 1}: direct {d:6.1f} µs CPU/req  gateway {g:6.1f}  added {g - d:6.1f}"
+              f"  admission {a:5.1f}")
     bad = len([s for s in statuses if s != 200])
-    d, g = statistics.median(directs), statistics.median(gateways)
+    d, g, a = statistics.median(directs), statistics.median(gateways), statistics.median(admits)
     print(f"median of {rounds} (n={n}, c={c}): direct {d:.1f} µs CPU/req, gateway {g:.1f}, "
-          f"added {g - d:.1f}; non-200 {bad}")
+          f"added {g - d:.1f}, admission {a:.1f}; non-200 {bad}")
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -4,9 +4,9 @@ A tenant, its custom domains, its first key and both audit events commit togethe
 refused entry leaves nothing and costs one commit instead of two. Every entry is validated
 before any transaction opens, and subdomains and domains claimed twice within the import are
 refused up front, the first claim winning, so the outcome does not depend on which worker
-commits first. On PostgreSQL a thread pool overlaps the commits (the server group-commits
-their WAL flushes); SQLite has a single writer, so there the entries run one after another
-(benchmarks/RESULTS.md, "Control plane", has the measurements behind both choices).
+commits first. On PostgreSQL a small thread pool overlaps the commit waits; SQLite has a
+single writer, so there the entries run one after another (benchmarks/RESULTS.md, "Control
+plane", has the measurements behind both choices).
 """
 
 from __future__ import annotations
@@ -241,8 +241,8 @@ def _read_jsonl(text: str) -> tuple[list[Entry], list[tuple[int, str]]]:
         if not isinstance(doc, dict):
             errors.append((number, "not a JSON object"))
             continue
-        if "domain" in doc:
-            doc["domains"] = [*doc.get("domains", ()), doc.pop("domain")]
+        if "domain" in doc and isinstance(doc.get("domains", []), list):
+            doc["domains"] = [*doc.get("domains", []), doc.pop("domain")]
         entries.append(Entry(number, doc))
     return entries, errors
 

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import ratelimit_headers
 from gateway.breaker import Breaker
@@ -59,6 +60,7 @@ _DEGRADED_LIMITED = DEGRADED.labels("limited")
 _DEGRADED_REFUSED = DEGRADED.labels("refused")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+_TIMEOUTS = (TimeoutError, RedisTimeoutError)  # the admission timeout, or the connect timeout
 
 # A script call packed in RESP, but for the command and the two arguments that change per
 # request (now and the lease id): (array header, key count and keys, before the lease, after it)
@@ -333,7 +335,7 @@ class Admission:
             async with asyncio.timeout(self.timeout_s):
                 reply = await self._run(
                     call, b"" if now_ms is None else str(now_ms).encode(), lease_id.encode())
-        except TimeoutError:
+        except _TIMEOUTS:
             REDIS_FAILURES.inc()
             # The timeout's clock also runs while this task waits for its turn on a busy event
             # loop, and the timeout is only noticed a loop turn after its deadline. Noticed

@@ -527,6 +527,66 @@ def usage_totals(ctx: typer.Context, tenant_id: str, period: Period = None,
                      f"({found.timezone})", ("meter", "used", "quota", "percent"), rows)
 
 
+@usage_app.command("correct")
+def usage_correct(
+    ctx: typer.Context,
+    tenant_id: str,
+    meter: Annotated[str, typer.Option(help="The meter to correct.")],
+    units: Annotated[str, typer.Option(help="Signed units to add, e.g. -120 or 3.5.")],
+    at: Annotated[str, typer.Option(
+        help="When the corrected usage happened (ISO timestamp with offset); the correction "
+             "lands in that period.")],
+    reason: Annotated[str, typer.Option(help="Why (kept on the row as dims.reason).")],
+    correction_id: Annotated[str | None, typer.Option(
+        "--id", help="Idempotency id: running again with the same id adds nothing.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Correct a tenant's usage with a new row. Raw events are never changed or deleted: a
+    correction is a row with source 'correction' and signed units, and every query and
+    rollup of its period includes it."""
+    import uuid
+
+    from metering.events import MAX_DIM_LEN, UsageEvent, uuid7
+    from metering.ingest import insert_events
+
+    try:
+        amount = Decimal(units)
+    except ArithmeticError:
+        raise typer.BadParameter(f"{units!r} is not a number", param_hint="--units") from None
+    if not amount.is_finite() or amount == 0:
+        raise typer.BadParameter("units must be a finite, non-zero number",
+                                 param_hint="--units")
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        raise typer.BadParameter(f"{at!r} is not an ISO timestamp", param_hint="--at") from None
+    if when.tzinfo is None:
+        raise typer.BadParameter("give the timestamp's UTC offset, e.g. 2026-11-02T10:00:00Z",
+                                 param_hint="--at")
+    if when > datetime.now(UTC) + timedelta(minutes=5):
+        raise typer.BadParameter("a correction cannot be for the future", param_hint="--at")
+    if not 0 < len(reason.strip()) <= MAX_DIM_LEN:
+        raise typer.BadParameter(f"reason must be 1 to {MAX_DIM_LEN} characters",
+                                 param_hint="--reason")
+    # A given --id always maps to the same event id and insert token, so ClickHouse drops a
+    # repeat of the same correction instead of counting it twice.
+    event_id = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"tollway:correction:{tenant_id}:"
+                               f"{correction_id}")) if correction_id else uuid7())
+    with _tenant_usage(ctx, tenant_id, as_json) as found:
+        _meter(found, meter)
+        event = UsageEvent(tenant_id, meter, bootstrap.cli_actor(),
+                           int(when.timestamp() * 1000), amount, dims={"reason": reason.strip()},
+                           event_id=event_id)
+        insert_events(found.client, [event], "correction", f"correction:{event_id}")
+    result = {"tenant_id": tenant_id, "meter": meter, "units": amount, "at": when,
+              "event_id": event_id, "reason": reason.strip()}
+    if as_json:
+        cli_output.emit_json(result)
+        return
+    cli_output.err().print(f"corrected {meter} of {tenant_id} by {amount} at {when.isoformat()} "
+                           f"(event {event_id})")
+
+
 @usage_app.command("quota")
 def usage_quota(ctx: typer.Context, tenant_id: str, as_json: Json = False) -> None:
     """This month's use of each quota in the tenant's plan, and when the quotas reset."""

@@ -275,3 +275,26 @@ def test_worker_metrics_port_in_use_is_a_configuration_error(cli: Cli) -> None:
         port = taken.getsockname()[1]
         failed = cli("worker", "--metrics-port", str(port), code=2)
     assert f"127.0.0.1:{port}" in failed.stderr
+
+
+def test_usage_correct_adds_signed_rows_once_per_id(
+    cli: Cli, seeded: tuple[str, list[UsageEvent]]
+) -> None:
+    tenant, events = seeded
+    start, end = month_bounds(NOW, BERLIN)
+    before = Decimal(cli.json("usage", "totals", tenant)["totals"]["api_calls"])
+    assert before == _calls(events, start, end)
+    at = (NOW - timedelta(hours=1)).isoformat()
+    args = ("usage", "correct", tenant, "--meter", "api_calls", "--units", "-3", "--at", at,
+            "--reason", "retried by the gateway during incident 42", "--id", "inc-42")
+    first = cli.json(*args)
+    again = cli.json(*args)
+    assert first["event_id"] == again["event_id"]
+    after = Decimal(cli.json("usage", "totals", tenant)["totals"]["api_calls"])
+    assert after == before - 3  # the same --id twice counts once
+    cli("usage", "correct", tenant, "--meter", "api_calls", "--units", "zero", "--at", at,
+        "--reason", "x", code=2)
+    cli("usage", "correct", tenant, "--meter", "nope", "--units", "1", "--at", at,
+        "--reason", "x", code=2)
+    cli("usage", "correct", tenant, "--meter", "api_calls", "--units", "1",
+        "--at", "2026-11-02T10:00:00", "--reason", "x", code=2)

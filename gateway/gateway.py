@@ -169,6 +169,29 @@ class Gateway:
             policy = self._policies[key] = Policy.from_plan(plan, request_meter=REQUEST_METER)
         return policy
 
+    async def _gate(
+        self, scope: Scope, headers: Sequence[Header], now: float
+    ) -> tuple[Resolved | None, Problem | None]:
+        """Steps 1-2 for proxied traffic and Tollway's own tenant endpoints alike: size
+        limits, then the tenant and credential from the snapshot, then the lifecycle gate."""
+        problem = check_limits(headers, self.settings)
+        if problem is not None:
+            return None, problem
+        try:
+            resolved = await self.resolver.resolve(scope, self.refresher.snapshot, now)
+        except Problem as refused:
+            return None, refused
+        return resolved, check_status(resolved.tenant, now)
+
+    async def _refuse(
+        self, scope: Scope, send: Send, request_id: str, resolved: Resolved | None,
+        problem: Problem, started: float, rid: Header,
+    ) -> None:
+        size = await send_problem(send, problem, (rid,))
+        tenant = resolved.tenant if resolved is not None else None
+        self._done(scope, request_id, tenant, problem.status, started, None, 0, size,
+                   problem.kind)
+
     async def authenticated(
         self, scope: Scope, receive: Receive, send: Send, app: ASGIApp
     ) -> None:
@@ -179,22 +202,13 @@ class Gateway:
         now = time.time()
         headers: Sequence[Header] = scope["headers"]
         request_id, headers, _ = _request_id(headers)
-        tenant: TenantRecord | None = None
-        problem = check_limits(headers, self.settings)
-        if problem is None:
-            try:
-                resolved = await self.resolver.resolve(scope, self.refresher.snapshot, now)
-                tenant = resolved.tenant
-                problem = check_status(tenant, now)
-            except Problem as refused:
-                problem = refused
+        resolved, problem = await self._gate(scope, headers, now)
         if problem is not None:
             rid = (_X_REQUEST_ID, request_id.encode("ascii"))
-            size = await send_problem(send, problem, (rid,))
-            self._done(scope, request_id, tenant, problem.status, started, None, 0, size,
-                       problem.kind)
+            await self._refuse(scope, send, request_id, resolved, problem, started, rid)
             return
-        assert tenant is not None
+        assert resolved is not None
+        tenant = resolved.tenant
         status = 500
 
         async def capture(message: Message) -> None:
@@ -215,21 +229,13 @@ class Gateway:
         request_id, headers, upstream_extra = _request_id(headers)
         rid = (_X_REQUEST_ID, request_id.encode("ascii"))
 
-        tenant: TenantRecord | None = None
-        problem = check_limits(headers, self.settings)
-        if problem is None:
-            try:
-                resolved = await self.resolver.resolve(scope, self.refresher.snapshot, now)
-                tenant = resolved.tenant
-                problem = check_status(tenant, now)
-            except Problem as refused:
-                problem = refused
+        resolved, problem = await self._gate(scope, headers, now)
         if problem is not None:
-            size = await send_problem(send, problem, (rid,))
-            self._done(scope, request_id, tenant, problem.status, started, None, 0, size,
-                       problem.kind)
+            await self._refuse(scope, send, request_id, resolved, problem, started, rid)
             return
-        assert tenant is not None and tenant.plan is not None  # the status gate saw to both
+        assert resolved is not None
+        tenant = resolved.tenant
+        assert tenant.plan is not None  # the status gate saw to it
 
         policy = self.policy(tenant.plan)
         month, reset_ms = month_window(tenant.tz, int(now * 1000))

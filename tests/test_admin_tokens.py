@@ -7,9 +7,10 @@ from functools import partial
 from typing import Any
 
 import pytest
+from closing import close, make_tenant
 from sqlalchemy import func, select
 
-from tenancy import admin_tokens, keys, plans, tenants
+from tenancy import admin_tokens, keys
 from tenancy.admin_tokens import AdminPrincipal
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
@@ -17,29 +18,6 @@ from tenancy.tables import admin_tokens as admin_tokens_table
 from tenancy.tables import audit_events
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-CLOSING = {
-    "cancelled": ("cancel",),
-    "deprovisioning": ("cancel", "start_deprovisioning"),
-    "deleted": ("cancel", "start_deprovisioning", "delete"),
-}
-
-
-def close(cp: ControlPlane, tenant_id: str, status: str) -> None:
-    after_grace = datetime.now(UTC) + timedelta(days=cp.settings.grace_days + 1)
-    for action in CLOSING[status]:
-        when = after_grace if action == "delete" else None
-        tenants.transition(cp, tenant_id, action, actor="test", now=when)
-
-
-def make_tenant(cp: ControlPlane, status: str | None = None) -> str:
-    plans.ensure_defaults(cp)
-    tenant = tenants.create(cp, actor="test", name="Acme", email="ops@acme.example.com")
-    tenant_id: str = tenant["id"]
-    if status is not None:
-        close(cp, tenant_id, status)
-    return tenant_id
 
 
 def authenticate(cp: ControlPlane, secret: str, now: datetime | None = None) -> Any:

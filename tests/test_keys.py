@@ -11,39 +11,17 @@ from typing import Any
 
 import pytest
 import redis
+from closing import make_tenant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, Select, func, inspect, literal_column, select, table
 
-from tenancy import admin_tokens, keys, plans, tenants
+from tenancy import admin_tokens, keys
 from tenancy.controlplane import ControlPlane
 from tenancy.problems import Problem
 from tenancy.tables import api_keys, audit_events
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-CLOSING = {
-    "cancelled": ("cancel",),
-    "deprovisioning": ("cancel", "start_deprovisioning"),
-    "deleted": ("cancel", "start_deprovisioning", "delete"),
-}
-
-
-def close(cp: ControlPlane, tenant_id: str, status: str) -> None:
-    after_grace = datetime.now(UTC) + timedelta(days=cp.settings.grace_days + 1)
-    for action in CLOSING[status]:
-        when = after_grace if action == "delete" else None
-        tenants.transition(cp, tenant_id, action, actor="test", now=when)
-
-
-def make_tenant(cp: ControlPlane, status: str | None = None) -> str:
-    plans.ensure_defaults(cp)
-    tenant = tenants.create(cp, actor="test", name="Acme", email="ops@acme.example.com")
-    tenant_id: str = tenant["id"]
-    if status is not None:
-        close(cp, tenant_id, status)
-    return tenant_id
 
 
 def count(engine: Engine, tbl: Any) -> int:

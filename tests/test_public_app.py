@@ -87,3 +87,15 @@ async def test_own_paths_are_not_proxied(served: tuple[PublicApp, ControlPlane])
         proxied = await c.get("/healthz/deeper")
     assert proxied.status_code == 401  # the gateway: no credential
     assert proxied.headers["x-request-id"]
+
+
+def test_a_separate_admin_listener_keeps_the_store_out_of_gateway_readiness(
+    sqlite_cp: ControlPlane,
+) -> None:
+    from dataclasses import replace
+
+    # The gateway serves from its snapshot: a store outage must not unready every replica.
+    public = build_app(replace(sqlite_cp.settings, admin_port=9999), sqlite_cp)
+    assert set(public.state.ready_checks) == {"redis", "snapshot"}
+    combined = build_app(sqlite_cp.settings, sqlite_cp)
+    assert set(combined.state.ready_checks) == {"store", "redis", "snapshot"}

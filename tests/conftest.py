@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from cli_harness import Cli
 from sqlalchemy import create_engine, text
 
 from tenancy.controlplane import ControlPlane
@@ -134,3 +135,21 @@ def _migrate(url: str) -> None:
     engine = open_engine(url)
     migrate(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def cli(tmp_path: Path, redis_url: str) -> Iterator[Cli]:
+    """The CLI on this test's SQLite file, Redis database, chDB directory and change channel."""
+    from metering import clickhouse
+
+    env: dict[str, str | None] = {
+        "TOLLWAY_CONFIG": None,
+        "COLUMNS": "200",
+        "TOLLWAY_DATA_DIR": str(tmp_path / "data"),
+        "TOLLWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'control.db'}",
+        "TOLLWAY_REDIS_URL": redis_url,
+        "TOLLWAY_CLICKHOUSE_URL": f"chdb://{tmp_path / 'chdb'}",
+        "TOLLWAY_CHANGE_CHANNEL": f"tollway:changes:{uuid.uuid4().hex[:8]}",
+    }
+    yield Cli(tmp_path, env)
+    clickhouse.close()

@@ -10,59 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from typer.testing import CliRunner, Result
+from cli_harness import Cli
 
 from gateway import bootstrap
-from gateway.cli import app
 from metering import clickhouse
 from metering.events import UsageEvent
 from metering.ingest import insert_events
 from metering.migrations import migrate
 from tenancy import tenants
-from tenancy.settings import Settings, load_settings
-
-
-@dataclass
-class Cli:
-    tmp: Path
-    env: dict[str, str | None]
-
-    def __call__(self, *args: str, code: int = 0) -> Result:
-        result = CliRunner().invoke(app, list(args), env=self.env)
-        assert result.exit_code == code, (args, result.output, result.exception)
-        return result
-
-    def json(self, *args: str, code: int = 0) -> Any:
-        return orjson.loads(self(*args, "--json", code=code).stdout)
-
-    def settings(self, **overrides: Any) -> Settings:
-        return load_settings(env={k: v for k, v in self.env.items() if v is not None
-                                  and k.startswith("TOLLWAY_")}, **overrides)
-
-
-@pytest.fixture
-def cli(tmp_path: Path, redis_url: str) -> Iterator[Cli]:
-    env: dict[str, str | None] = {
-        "TOLLWAY_CONFIG": None,
-        "COLUMNS": "200",
-        "TOLLWAY_DATA_DIR": str(tmp_path / "data"),
-        "TOLLWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'control.db'}",
-        "TOLLWAY_REDIS_URL": redis_url,
-        "TOLLWAY_CLICKHOUSE_URL": f"chdb://{tmp_path / 'chdb'}",
-        "TOLLWAY_CHANGE_CHANNEL": f"tollway:changes:{uuid.uuid4().hex[:8]}",
-    }
-    yield Cli(tmp_path, env)
-    clickhouse.close()
 
 
 @pytest.fixture

@@ -15,21 +15,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
-from typer.testing import CliRunner, Result
+from cli_harness import Cli
 
-from gateway.cli import app
 from metering import clickhouse
 from metering.events import UsageEvent
 from metering.ingest import insert_events
@@ -43,33 +38,6 @@ SPIKE = NOW - timedelta(days=2, hours=5)
 ROUTES = ("/v1/chat", "/v1/files/{id}")
 
 
-@dataclass
-class Cli:
-    tmp: Path
-    env: dict[str, str | None]
-
-    def __call__(self, *args: str, code: int = 0) -> Result:
-        result = CliRunner().invoke(app, list(args), env=self.env)
-        assert result.exit_code == code, (args, result.output, result.exception)
-        return result
-
-    def json(self, *args: str, code: int = 0) -> Any:
-        return orjson.loads(self(*args, "--json", code=code).stdout)
-
-
-@pytest.fixture
-def cli(tmp_path: Path, redis_url: str) -> Iterator[Cli]:
-    env: dict[str, str | None] = {
-        "TOLLWAY_CONFIG": None,
-        "COLUMNS": "200",
-        "TOLLWAY_DATA_DIR": str(tmp_path / "data"),
-        "TOLLWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'control.db'}",
-        "TOLLWAY_REDIS_URL": redis_url,
-        "TOLLWAY_CLICKHOUSE_URL": f"chdb://{tmp_path / 'chdb'}",
-        "TOLLWAY_CHANGE_CHANNEL": f"tollway:changes:{uuid.uuid4().hex[:8]}",
-    }
-    yield Cli(tmp_path, env)
-    clickhouse.close()
 
 
 def _events(tenant: str) -> list[UsageEvent]:

@@ -52,15 +52,20 @@ class LastUsed:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._pending: dict[str, float] = {}
+        self._in_flight: dict[str, float] = {}
 
     def touch(self, key_id: str) -> None:
         self._pending[key_id] = self._clock()
 
     def pending(self) -> int:
-        return len(self._pending)
+        """Keys whose last use is not in the store yet, a batch being written included."""
+        if not self._in_flight:
+            return len(self._pending)
+        return len(self._pending.keys() | self._in_flight.keys())
 
     def _take(self) -> dict[str, float]:
         batch, self._pending = self._pending, {}
+        self._in_flight = batch
         return batch
 
     def _restore(self, batch: dict[str, float]) -> None:
@@ -77,6 +82,8 @@ class LastUsed:
         except BaseException:
             self._restore(batch)
             raise
+        finally:
+            self._in_flight = {}
         return len(batch)
 
     async def flush_async(self, engine: Engine) -> int:
@@ -87,6 +94,8 @@ class LastUsed:
             # on cancellation the thread may still finish; writing twice is harmless
             self._restore(batch)
             raise
+        finally:
+            self._in_flight = {}
         return len(batch)
 
     async def run(self, engine: Engine, interval_s: float) -> None:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.tenant_signature import KEY_FILE, TenantSigner, key_id_of, local_secret
+from gateway.tenant_signature import HEADER, KEY_FILE, TenantSigner, key_id_of, local_secret
 from tenancy.settings import load_settings
 
 OLD = b"o" * 32
@@ -25,30 +25,31 @@ NOW = 1_780_000_000.4
 def test_round_trip_and_format() -> None:
     signer = TenantSigner([OLD])
     value = signer.sign("ten_123", "key_abc", NOW)
-    assert value.startswith(f"t=ten_123,k=key_abc,ts=1780000000,kid={key_id_of(OLD)},sig=")
+    assert HEADER == b"X-Tollway-Tenant"
+    assert value.startswith(f"t=ten_123,k=key_abc,ts=1780000000,kid={key_id_of(OLD)},sig=".encode())
     claims = signer.verify(value, max_age_s=60, now=NOW + 30)
     assert claims is not None
     assert (claims.tenant_id, claims.key_id, claims.issued_at) == ("ten_123", "key_abc", 1780000000)
-    assert signer.verify(value.encode(), max_age_s=60, now=NOW) == claims
+    assert signer.verify(value.decode(), max_age_s=60, now=NOW) == claims
     assert signer.verify(signer.sign("t", "k", time.time()), max_age_s=5) is not None
 
 
 def test_independent_verification_as_documented() -> None:
     """What docs/proxy.md tells upstream authors to do, with only the standard library."""
     value = TenantSigner([OLD]).sign("ten_1", "key_1", NOW)
-    signed, _, sig = value.rpartition(",sig=")
+    signed, _, sig = value.rpartition(b",sig=")
     expected = base64.urlsafe_b64encode(
-        hmac.new(OLD, signed.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+        hmac.new(OLD, signed, hashlib.sha256).digest()).rstrip(b"=")
     assert hmac.compare_digest(sig, expected)
-    fields = dict(part.split("=", 1) for part in signed.split(","))
-    assert fields["t"] == "ten_1" and int(fields["ts"]) == int(NOW)
+    fields = dict(part.split(b"=", 1) for part in signed.split(b","))
+    assert fields[b"t"] == b"ten_1" and int(fields[b"ts"]) == int(NOW)
 
 
 def test_rotation_first_signs_all_verify() -> None:
     old_value = TenantSigner([OLD]).sign("t1", "k1", NOW)
     rotated = TenantSigner([NEW, OLD])
     new_value = rotated.sign("t1", "k1", NOW)
-    assert f"kid={key_id_of(NEW)}" in new_value
+    assert f"kid={key_id_of(NEW)}".encode() in new_value
     assert rotated.verify(old_value, 60, NOW) is not None
     assert rotated.verify(new_value, 60, NOW) is not None
     retired = TenantSigner([NEW])
@@ -60,15 +61,15 @@ def test_tampering_is_rejected() -> None:
     signer = TenantSigner([OLD])
     value = signer.sign("ten_1", "key_1", NOW)
     forgeries = [
-        value.replace("t=ten_1", "t=ten_2"),
-        value.replace("k=key_1", "k=key_2"),
-        value.replace("ts=1780000000", "ts=1780000001"),
-        value[:-2] + ("AA" if value[-2:] != "AA" else "BB"),
-        value.replace(",sig=", ",sag="),
-        "t=ten_1,t=ten_2," + value,
-        value.replace("kid=" + key_id_of(OLD), "kid=00000000"),
-        "x" * 2000,
-        "",
+        value.replace(b"t=ten_1", b"t=ten_2"),
+        value.replace(b"k=key_1", b"k=key_2"),
+        value.replace(b"ts=1780000000", b"ts=1780000001"),
+        value[:-2] + (b"AA" if value[-2:] != b"AA" else b"BB"),
+        value.replace(b",sig=", b",sag="),
+        b"t=ten_1,t=ten_2," + value,
+        value.replace(b"kid=" + key_id_of(OLD).encode(), b"kid=00000000"),
+        b"x" * 2000,
+        b"",
     ]
     for forged in forgeries:
         assert signer.verify(forged, 60, NOW) is None, forged
@@ -111,7 +112,7 @@ def test_weak_or_missing_secrets_refused() -> None:
 def test_configured_keys_win(tmp_path: Path) -> None:
     s = load_settings(env={}, data_dir=tmp_path, tenant_signing_keys=(NEW.decode(), OLD.decode()))
     signer = TenantSigner.from_settings(s)
-    assert f"kid={key_id_of(NEW)}" in signer.sign("t", "k", NOW)
+    assert f"kid={key_id_of(NEW)}".encode() in signer.sign("t", "k", NOW)
     assert not (tmp_path / KEY_FILE).exists()
 
 

@@ -12,15 +12,21 @@ Metrics other modules already export are not repeated here: the snapshot age
 (resolution).
 
 The access log is one JSON line per request on the `tollway.access` logger: the gateway
-builds one dict and the formatter makes one `orjson.dumps` of it.
+builds one dict and it becomes one `orjson.dumps`. By default the lines skip the logging
+machinery (a LogRecord, the handler lock, a formatter, a write and flush per line cost more than
+the rest of the request's observability): `AccessSink` buffers them and writes each event-loop
+turn's lines to stderr in one write. A handler the process added itself gets LogRecords as
+before. The logger's level is still the switch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 from collections.abc import Mapping
+from typing import BinaryIO
 
 import orjson
 from prometheus_client import Counter, Histogram
@@ -168,19 +174,79 @@ _ACCESS = "tollway.access"
 access_log = logging.getLogger(_ACCESS)
 
 
-def setup_access_log(level: int = logging.INFO) -> None:
-    """INFO on stderr as JSON lines, unless the process already gave the logger a handler."""
+class AccessSink(logging.Handler):
+    """JSON lines held in memory and written once per event-loop turn: one write and flush
+    for all the requests that finished in that turn instead of one per request. Outside a
+    running loop a line is written at once. The lines of the turn a process dies in are lost
+    (at most one turn's worth); `logging.shutdown` flushes at a normal exit.
+
+    It assumes one event loop per process, as granian's workers have. A flush is pending on
+    at most one loop; a line from another loop (a new one, after the old one closed with its
+    flush still queued) schedules a flush there, so no line waits for a loop that is gone."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self._lines: list[bytes] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def write(self, line: bytes) -> None:
+        self._lines.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """The logging path, taken when the process added handlers of its own."""
+        if isinstance(record.msg, dict) and not record.args:
+            self.write(orjson.dumps(record.msg, option=orjson.OPT_APPEND_NEWLINE))
+        else:
+            self.write(self.format(record).encode() + b"\n")
+
+    def flush(self) -> None:
+        self._flush_on = None
+        lines = self._lines
+        if lines:
+            self._lines = []
+            self.stream.write(b"".join(lines))
+            self.stream.flush()
+
+
+_sink: AccessSink | None = None
+
+
+def setup_access_log(level: int = logging.INFO, stream: BinaryIO | None = None) -> None:
+    """INFO as JSON lines on `stream` (stderr by default), unless the process already gave the
+    logger a handler: then that handler gets the lines, as LogRecords."""
+    global _sink
     if not access_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        access_log.addHandler(handler)
+        _sink = AccessSink(sys.stderr.buffer if stream is None else stream)
+        _sink.setFormatter(JsonFormatter())
+        access_log.addHandler(_sink)
         access_log.propagate = False
     access_log.setLevel(level)
 
 
 def log_access(doc: dict[str, object]) -> None:
-    """`Logger.info` would walk the stack to find the caller (half the cost of a line);
-    the access log has no use for it, so the record is made and handled directly."""
+    """When the sink is the logger's only handler the line goes straight to it; otherwise a
+    record is made and handled directly (`Logger.info` would also walk the stack to find the
+    caller, which the access log has no use for)."""
     if access_log.isEnabledFor(logging.INFO):
         doc["ts"] = round(time.time(), 3)
-        access_log.handle(access_log.makeRecord(_ACCESS, logging.INFO, "", 0, doc, (), None))
+        handlers = access_log.handlers
+        if len(handlers) == 1 and handlers[0] is _sink:
+            _sink.write(orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE))
+        else:
+            access_log.handle(access_log.makeRecord(_ACCESS, logging.INFO, "", 0, doc, (), None))
+
+
+def flush_access_log() -> None:
+    """Write the buffered access lines now: the gateway's shutdown calls it after the last
+    request, so a stop loses nothing even if the loop is not run again."""
+    if _sink is not None:
+        _sink.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import logging
 import math
 import os
 import time
@@ -20,18 +21,16 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import ratelimit_headers
 from gateway.breaker import Breaker
 from gateway.local_limiter import LocalLimiter
+from gateway.redis_link import RedisLink, ReplyError, pack
 from tenancy.hotstate import redis_url
 from tenancy.plans import Plan
 from tenancy.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SCRIPT = Path(__file__).with_name("admission.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
@@ -59,8 +58,7 @@ _DEGRADED_ADMITTED = DEGRADED.labels("admitted")
 _DEGRADED_LIMITED = DEGRADED.labels("limited")
 _DEGRADED_REFUSED = DEGRADED.labels("refused")
 
-_FAILURES = (RedisError, OSError, TimeoutError)
-_TIMEOUTS = (TimeoutError, RedisTimeoutError)  # the admission timeout, or the connect timeout
+_FAILURES = (ReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
 
 # A script call packed in RESP, but for the command and the two arguments that change per
 # request (now and the lease id): (array header, key count and keys, before the lease, after it)
@@ -263,14 +261,14 @@ class Admission:
 
     def __init__(
         self,
-        client: Redis,
+        link: RedisLink,
         *,
         timeout_ms: int = 50,
         breaker: Breaker | None = None,
         local: LocalLimiter | None = None,
         deny_cache_size: int = 4096,
     ) -> None:
-        self.client = client
+        self.link = link
         self.timeout_s = timeout_ms / 1000
         self.breaker = breaker or Breaker(5, 2.0)
         self.local = local or LocalLimiter()
@@ -284,19 +282,12 @@ class Admission:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Admission:
-        # No socket timeout (redis-py 8 defaults to 5 s): every call is already bounded by
-        # `asyncio.timeout`, and with one redis-py wraps each write in `asyncio.wait_for` (a
-        # task per command) and each read in a second timer. A call cut off mid-command
-        # disconnects its connection.
-        client = Redis.from_url(
-            redis_url(settings),
-            socket_timeout=None,
-            socket_connect_timeout=settings.redis_timeout_ms / 1000,
-            # A retried EVALSHA could charge twice; the breaker, not the client, handles outages.
-            retry=Retry(NoBackoff(), 0),
-        )
+        # Every call is bounded by its own `asyncio.timeout`; the link never retries (a
+        # retried EVALSHA could charge twice), the breaker handles outages.
+        link = RedisLink.from_url(
+            redis_url(settings), connect_timeout_s=settings.redis_timeout_ms / 1000)
         return cls(
-            client,
+            link,
             timeout_ms=settings.redis_timeout_ms,
             breaker=Breaker(settings.breaker_failures, settings.breaker_reset_s),
         )
@@ -335,7 +326,7 @@ class Admission:
             async with asyncio.timeout(self.timeout_s):
                 reply = await self._run(
                     call, b"" if now_ms is None else str(now_ms).encode(), lease_id.encode())
-        except _TIMEOUTS:
+        except TimeoutError:  # the admission timeout, or the connect timeout
             REDIS_FAILURES.inc()
             # The timeout's clock also runs while this task waits for its turn on a busy event
             # loop, and the timeout is only noticed a loop turn after its deadline. Noticed
@@ -357,7 +348,8 @@ class Admission:
             return
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.client.zrem(f"{{t:{tenant_id}}}:leases", lease_id)
+                await self.link.execute(
+                    pack(b"ZREM", f"{{t:{tenant_id}}}:leases".encode(), lease_id.encode()))
         except _FAILURES:
             REDIS_FAILURES.inc()
 
@@ -380,38 +372,52 @@ class Admission:
                     by_key.setdefault(key, []).append(lease_id)
                 try:
                     async with asyncio.timeout(self.timeout_s * 2):
-                        async with self.client.pipeline(transaction=False) as pipe:
-                            for key, lease_ids in by_key.items():
-                                pipe.zrem(key, *lease_ids)
-                            await pipe.execute()
+                        await self.link.execute_many([
+                            pack(b"ZREM", key.encode(), *(i.encode() for i in lease_ids))
+                            for key, lease_ids in by_key.items()
+                        ])
                 except _FAILURES:  # unreturned leases lapse by TTL
                     REDIS_FAILURES.inc()
         finally:
             self._releasing = None
 
+    async def charge(
+        self, tenant_id: str, charges: list[tuple[str, int]], month: str, reset_ms: int
+    ) -> None:
+        """Add recorded units (e.g. upstream-reported `ai_interactions`) to the monthly
+        counters that admission only checks. Failure is logged and tolerated: the usage events
+        still carry the units, only the quota check lags."""
+        expire_at = str(reset_ms + QUOTA_GRACE_MS).encode()
+        commands = []
+        for meter, amount in charges:
+            key = quota_key(tenant_id, meter, month).encode()
+            commands.append(pack(b"INCRBY", key, str(amount).encode()))
+            commands.append(pack(b"PEXPIREAT", key, expire_at))
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                await self.link.execute_many(commands)
+        except _FAILURES as exc:
+            REDIS_FAILURES.inc()
+            log.warning("could not add reported units to %s's quota counters: %r", tenant_id, exc)
+
     async def close(self) -> None:
         if self._releasing is not None:
             await asyncio.gather(self._releasing, return_exceptions=True)
-        await self.client.aclose()
+        await self.link.aclose()
 
     async def _run(self, call: _Call, now: bytes, lease_id: bytes) -> list[int]:
-        """EVALSHA, packed here and sent on a pooled connection: redis-py's `execute_command`
-        spends more CPU on packing, retry and telemetry hooks than Redis spends on the script.
-        A call cut off mid-command leaves its connection disconnected (redis-py's own rule)."""
+        """EVALSHA, packed here: only `now` and the lease id change per request. A call cut
+        off by its timeout leaves the shared link usable; its reply is dropped on arrival."""
         header, keys, middle, tail = call
         varying = (_bulk(now), middle, _bulk(lease_id), tail)
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(b"".join((header, _EVALSHA, keys, *varying)))
-            try:
-                reply: list[int] = await conn.read_response()
-            except NoScriptError:
-                # The script cache was flushed or Redis restarted; EVAL loads it again.
-                await conn.send_packed_command(b"".join((header, _EVAL, keys, *varying)))
-                reply = await conn.read_response()
-        finally:
-            await pool.release(conn)
+            reply: list[int] = await self.link.execute(
+                b"".join((header, _EVALSHA, keys, *varying)))
+        except ReplyError as exc:
+            if not exc.noscript:
+                raise
+            # The script cache was flushed or Redis restarted; EVAL loads it again.
+            reply = await self.link.execute(b"".join((header, _EVAL, keys, *varying)))
         return reply
 
     def _call_for(

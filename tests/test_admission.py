@@ -15,14 +15,20 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway import ratelimit_headers
-from gateway.admission import SCRIPT_SHA, Admission, Decision, Policy, month_window, quota_key
+from gateway.admission import (
+    QUOTA_GRACE_MS,
+    SCRIPT_SHA,
+    Admission,
+    Decision,
+    Policy,
+    month_window,
+    quota_key,
+)
 from gateway.breaker import CLOSED, OPEN, Breaker
 from gateway.local_limiter import LocalLimiter
+from gateway.redis_link import RedisLink, pack
 from tenancy.plans import Plan
 from tenancy.settings import load_settings
 
@@ -30,10 +36,8 @@ NOV = "2026-11"
 FAR = 10**13  # a month reset far in the future, when the test is not about months
 
 
-def client_for(url: str, timeout_s: float = 0.05) -> Redis:
-    return Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-    )
+def link_for(url: str, connect_timeout_s: float = 0.05) -> RedisLink:
+    return RedisLink.from_url(url, connect_timeout_s=connect_timeout_s)
 
 
 def future_ms() -> int:
@@ -43,7 +47,7 @@ def future_ms() -> int:
 
 @pytest.fixture
 async def admission(redis_url: str) -> AsyncIterator[Admission]:
-    adm = Admission(client_for(redis_url, 2.0), timeout_ms=2_000)
+    adm = Admission(link_for(redis_url, 2.0), timeout_ms=2_000)
     yield adm
     await adm.close()
 
@@ -65,10 +69,12 @@ def _free_port() -> int:
 
 
 class Server:
-    """A private redis-server this test may flush, kill and restart."""
+    """A private redis-server this test may flush, kill and restart; `options` are extra
+    redis-server arguments (`--requirepass`, `--unixsocket`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
         self.port = _free_port()
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,17 +84,15 @@ class Server:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--bind", "127.0.0.1"],
+             "--bind", "127.0.0.1", *self.options],
             stdout=subprocess.DEVNULL,
         )
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        for _ in range(100):
+        for _ in range(100):  # listening means ready (it binds after loading nothing)
             try:
-                probe.ping()
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
                 break
-            except redis.ConnectionError:
+            except OSError:
                 time.sleep(0.02)
-        probe.close()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -229,23 +233,24 @@ async def test_month_window_in_utc_and_december() -> None:
 
 
 async def test_recovers_from_script_cache_flush(server: Server) -> None:
-    adm = Admission(client_for(server.url, 2.0), timeout_ms=2_000)
+    adm = Admission(link_for(server.url, 2.0), timeout_ms=2_000)
     policy = Policy(tenant_rate_per_s=100, tenant_burst=100)
     now = future_ms()
     try:
         first = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR, now_ms=now)
         assert first.allowed
-        await adm.client.script_flush()
-        assert await adm.client.script_exists(SCRIPT_SHA) == [False]
-        d = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR, now_ms=now)
-        assert d.allowed and not d.degraded and d.remaining == (98,)
-        assert await adm.client.script_exists(SCRIPT_SHA) == [True]
+        with redis.Redis(port=server.port) as control:
+            control.script_flush()
+            assert control.script_exists(SCRIPT_SHA) == [False]
+            d = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR, now_ms=now)
+            assert d.allowed and not d.degraded and d.remaining == (98,)
+            assert control.script_exists(SCRIPT_SHA) == [True]
     finally:
         await adm.close()
 
 
 def _unreachable(**kwargs: object) -> Admission:
-    return Admission(client_for("redis://127.0.0.1:1/0"), timeout_ms=50, **kwargs)  # type: ignore[arg-type]
+    return Admission(link_for("redis://127.0.0.1:1/0"), timeout_ms=50, **kwargs)  # type: ignore[arg-type]
 
 
 async def _bounded(call: object) -> Decision:
@@ -289,7 +294,7 @@ async def test_unreachable_fail_closed_refuses_with_503() -> None:
 
 async def test_breaker_skips_redis_while_open_and_closes_after_a_good_probe(server: Server) -> None:
     clock = Clock()
-    adm = Admission(client_for(server.url, 0.5), timeout_ms=500, breaker=Breaker(2, 5, clock))
+    adm = Admission(link_for(server.url, 0.5), timeout_ms=500, breaker=Breaker(2, 5, clock))
     policy = Policy(tenant_rate_per_s=1000, tenant_burst=1000, fail_mode="closed")
 
     async def admit() -> Decision:
@@ -316,7 +321,7 @@ async def test_breaker_skips_redis_while_open_and_closes_after_a_good_probe(serv
 
 
 async def test_a_redis_that_stops_answering_opens_the_breaker(server: Server) -> None:
-    adm = Admission(client_for(server.url, 2.0), timeout_ms=50, breaker=Breaker(2, 60))
+    adm = Admission(link_for(server.url, 2.0), timeout_ms=50, breaker=Breaker(2, 60))
     policy = Policy(tenant_rate_per_s=1000, tenant_burst=1000, fail_mode="closed")
     try:
         assert (await _bounded(adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR))).allowed
@@ -333,10 +338,7 @@ async def test_a_redis_that_stops_answering_opens_the_breaker(server: Server) ->
 async def test_a_timeout_noticed_after_an_event_loop_stall_does_not_open_the_breaker(
     server: Server,
 ) -> None:
-    # As `Admission.from_settings` builds it: no socket timeout under the admission timeout.
-    # (With one, Python 3.11's `wait_for` around each write can swallow the cancellation.)
-    client = Redis.from_url(server.url, socket_timeout=None, retry=Retry(NoBackoff(), 0))
-    adm = Admission(client, timeout_ms=20, breaker=Breaker(1, 60))
+    adm = Admission(link_for(server.url, 2.0), timeout_ms=20, breaker=Breaker(1, 60))
     policy = Policy(tenant_rate_per_s=1000, tenant_burst=1000, fail_mode="closed")
 
     async def admit() -> Decision:
@@ -363,19 +365,26 @@ async def test_a_timeout_noticed_after_an_event_loop_stall_does_not_open_the_bre
 
 async def test_server_killed_mid_traffic_holds_the_policy(server: Server) -> None:
     # A generous timeout: this machine is shared, and the healthy phase must not degrade.
-    adm = Admission(client_for(server.url, 1.0), timeout_ms=1_000, breaker=Breaker(5, 60))
+    adm = Admission(link_for(server.url, 1.0), timeout_ms=1_000, breaker=Breaker(5, 60))
     policy = Policy(
         tenant_rate_per_s=10_000, tenant_burst=10_000, concurrency=1000, fail_mode="open",
         local_rate_per_s=20,
     )
 
+    decided = 0
+    in_flight = asyncio.Event()
+
     async def worker(n: int) -> list[Decision]:
+        nonlocal decided
         out = []
         for _ in range(n):
             d = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)
             out.append(d)
             if d.lease_id:
                 adm.release_later("t1", d.lease_id)
+            decided += 1
+            if decided == 120:
+                in_flight.set()
             await asyncio.sleep(0)
         return out
 
@@ -383,7 +392,9 @@ async def test_server_killed_mid_traffic_holds_the_policy(server: Server) -> Non
         healthy = await asyncio.wait_for(asyncio.gather(*(worker(10) for _ in range(8))), 10)
         assert all(d.allowed and not d.degraded for batch in healthy for d in batch)
         traffic = asyncio.gather(*(worker(40) for _ in range(8)))
-        await asyncio.sleep(0.01)
+        # Killed with 40 requests of the traffic decided (and more in flight): however fast
+        # the link, most of the traffic meets a dead server.
+        await asyncio.wait_for(in_flight.wait(), 10)
         server.stop()
         stopped = time.monotonic()
         results = await asyncio.wait_for(traffic, 10)
@@ -404,8 +415,8 @@ async def test_embedded_redis_62_uses_server_time(tmp_path: Path) -> None:
         tenant_rate_per_s=0.1, tenant_burst=2, concurrency=1, quotas=(("api_calls", 9, 1),)
     )
     try:
-        info = await adm.client.info("server")
-        assert str(info["redis_version"]).startswith("6.2")
+        info = await adm.link.execute(pack(b"INFO", b"server"))
+        assert b"\nredis_version:6.2" in info
         first = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)
         second = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)
         await adm.release("t1", first.lease_id)
@@ -484,3 +495,27 @@ def test_headers_name_the_policy_closest_to_exhaustion() -> None:
     body = ratelimit_headers.problem(refused)
     assert body["type"].endswith("/quota-exceeded") and body["violated_policy"] == "quota:api_calls"
     assert body["status"] == 429 and body["retry_after"] == 86_400
+
+
+async def test_charge_adds_recorded_units_to_the_checked_meter(
+    admission: Admission, redis_client: redis.Redis
+) -> None:
+    policy = Policy(tenant_rate_per_s=100, tenant_burst=100, quotas=(("tokens", 1000, 0),))
+    reset = future_ms()
+    await admission.charge("t1", [("tokens", 600), ("ai_interactions", 2)], NOV, reset)
+    await admission.charge("t1", [("tokens", 400)], NOV, reset)
+    key = quota_key("t1", "tokens", NOV)
+    assert redis_client.get(key) == b"1000"
+    assert redis_client.get(quota_key("t1", "ai_interactions", NOV)) == b"2"
+    assert redis_client.pexpiretime(key) == reset + QUOTA_GRACE_MS
+    d = await admission.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)
+    assert d.violated == "quota:tokens"
+
+
+async def test_charge_failure_is_logged_and_tolerated(caplog: pytest.LogCaptureFixture) -> None:
+    adm = _unreachable()
+    try:
+        await _bounded(adm.charge("t1", [("tokens", 5)], NOV, FAR))
+    finally:
+        await adm.close()
+    assert "could not add reported units to t1's quota counters" in caplog.text

@@ -21,9 +21,9 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redis.asyncio import Redis
 
 from gateway.admission import Admission, Policy
+from gateway.redis_link import RedisLink
 
 # Each example uses fresh tenant ids, so sharing the module's server between them is harmless.
 FIXTURE_REUSE = HealthCheck.function_scoped_fixture
@@ -114,8 +114,8 @@ steps = st.lists(
 
 
 async def run(redis_url: str, ops: list[tuple[object, ...]], cache: int) -> None:
-    client = Redis.from_url(redis_url)
-    admission = Admission(client, timeout_ms=2_000, deny_cache_size=cache)
+    link = RedisLink.from_url(redis_url)
+    admission = Admission(link, timeout_ms=2_000, deny_cache_size=cache)
     model = Model(POLICY)
     run_id = uuid.uuid4().hex[:8]
     tenants = [f"{run_id}a", f"{run_id}b"]

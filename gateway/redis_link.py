@@ -1,0 +1,258 @@
+"""One multiplexed, pipelined Redis connection per process, for the gateway's hot path.
+
+Every concurrent request shares one RESP2 connection: commands queued during an event-loop
+turn go out in one `transport.write`, and replies (parsed by hiredis) complete the callers'
+futures in the order the commands were sent. Compared with redis-py's pool this saves, per
+call, a pool checkout and release, a `StreamWriter` write and a send syscall; and a caller
+that gives up (its `asyncio.timeout`) only abandons its future, so its late reply is
+discarded instead of costing the connection. See docs/admission.md, "The Redis link".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any
+from urllib.parse import unquote
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, parse_url
+
+HANG_S = 5.0  # no reply for this long to the oldest outstanding command: the server is gone
+_MORE = object()  # hiredis's "not enough data yet"
+
+
+class ReplyError(Exception):
+    """An error reply from Redis; the message is the server's (`NOSCRIPT ...`, `WRONGTYPE ...`)."""
+
+    @property
+    def noscript(self) -> bool:
+        """The script is not in the server's cache (flushed, restarted, failed over)."""
+        return str(self).startswith("NOSCRIPT")
+
+
+def pack(*args: bytes) -> bytes:
+    """One command in RESP, from its already-encoded arguments."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class _Connection(asyncio.Protocol):
+    """The protocol side: a write buffer flushed once per loop turn, and a FIFO of futures."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, hang_s: float) -> None:
+        self.loop = loop
+        self.hang_s = hang_s
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(replyError=ReplyError, notEnoughData=_MORE)
+        # (future, time sent) per command, oldest first; abandoned futures stay until answered
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.buffer: list[bytes] = []
+        self.lost = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        if self.lost:
+            raise ConnectionError("redis connection lost")
+        future = self.loop.create_future()
+        now = self.loop.time()
+        self.pending.append((future, now))
+        if not self.buffer:
+            self.loop.call_soon(self._flush)
+        self.buffer.append(packed)
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_at(now + self.hang_s, self._check_hang)
+        return future
+
+    def _flush(self) -> None:
+        if self.buffer and not self.lost and self.transport is not None:
+            self.transport.write(b"".join(self.buffer))
+        self.buffer.clear()
+
+    def data_received(self, data: bytes) -> None:
+        reader, pending = self.reader, self.pending
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(ConnectionError(f"redis protocol error: {exc}"))
+                return
+            if reply is _MORE:
+                return
+            if not pending:
+                self._fail(ConnectionError("redis sent a reply nobody asked for"))
+                return
+            future = pending.popleft()[0]
+            if not future.done():  # else its caller gave up: the reply is dropped
+                if isinstance(reply, ReplyError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    def _check_hang(self) -> None:
+        self._watchdog = None
+        if not self.pending or self.lost:
+            return
+        due = self.pending[0][1] + self.hang_s
+        if self.loop.time() >= due:
+            self._fail(ConnectionError(f"redis sent no reply for {self.hang_s} s"))
+        else:
+            self._watchdog = self.loop.call_at(due, self._check_hang)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail(ConnectionError(f"redis connection lost: {exc or 'closed'}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, exc: ConnectionError) -> None:
+        """Mark the connection dead, fail everything outstanding and drop the socket."""
+        self.lost = True
+        self.buffer.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self.pending:
+            future = self.pending.popleft()[0]
+            if not future.done():
+                future.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class RedisLink:
+    """A lazily connected, self-reconnecting pipelined connection. Not thread-safe: one event
+    loop uses it. Timeouts are the caller's; `hang_s` only bounds a server that stopped
+    answering altogether, which would otherwise pile up abandoned commands forever."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout_s: float = 2.0,
+        hang_s: float = HANG_S,
+    ) -> None:
+        self.host, self.port, self.path, self.db = host, port, path, db
+        self.username, self.password = username, password
+        self.ssl_context = ssl_context
+        self.connect_timeout_s = connect_timeout_s
+        self.hang_s = hang_s
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, connect_timeout_s: float = 2.0, hang_s: float = HANG_S
+    ) -> RedisLink:
+        """redis://[user:pass@]host:port/db, rediss:// (TLS, verified), unix:///path?db=N."""
+        opts = parse_url(url)
+        password = opts.get("password")
+        return cls(
+            host=opts.get("host", "127.0.0.1"),
+            port=int(opts.get("port", 6379)),
+            path=opts.get("path"),
+            db=int(opts.get("db") or 0),
+            username=opts.get("username"),
+            password=unquote(password) if password else None,
+            ssl_context=(
+                ssl.create_default_context() if opts.get("connection_class") is SSLConnection
+                else None
+            ),
+            connect_timeout_s=connect_timeout_s,
+            hang_s=hang_s,
+        )
+
+    async def execute(self, packed: bytes) -> Any:
+        """Send one packed command and return its reply; an error reply raises ReplyError, a
+        lost or hung connection ConnectionError (the next call reconnects)."""
+        conn = self._conn
+        if conn is None or conn.lost:
+            conn = await self._connected()
+        return await conn.send(packed)
+
+    async def execute_many(self, commands: list[bytes]) -> list[Any]:
+        """Send several packed commands in one write; their replies, or the first error."""
+        conn = self._conn
+        if conn is None or conn.lost:
+            conn = await self._connected()
+        return await _all([conn.send(packed) for packed in commands])
+
+    async def aclose(self) -> None:
+        """Close the connection; a later call would open a new one."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+            await asyncio.wait([conn.closed], timeout=1.0)
+
+    async def _connected(self) -> _Connection:
+        """Callers arriving during a connect share it; one caller's cancellation does not
+        cancel it for the others (it has its own timeout)."""
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            self._connecting.add_done_callback(self._connect_done)
+        return await asyncio.shield(self._connecting)
+
+    def _connect_done(self, task: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is None:
+            self._conn = task.result()
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                if self.path is not None:
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Connection(loop, self.hang_s), self.path)
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self.hang_s), self.host, self.port,
+                        ssl=self.ssl_context,
+                        server_hostname=self.host if self.ssl_context else None,
+                    )
+                # Before any queued command: the link is published only once this is done.
+                handshake = []
+                if self.password is not None:
+                    user = () if self.username is None else (self.username.encode(),)
+                    handshake.append(pack(b"AUTH", *user, self.password.encode()))
+                if self.db:
+                    handshake.append(pack(b"SELECT", str(self.db).encode()))
+                await _all([conn.send(packed) for packed in handshake])
+        except BaseException as exc:
+            if conn is not None:
+                conn._fail(ConnectionError("redis connect abandoned"))
+            if isinstance(exc, ReplyError):  # wrong password, no such database
+                raise ConnectionError(f"redis handshake failed: {exc}") from exc
+            raise
+        return conn
+
+
+async def _all(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """The results in order, or the first error; after an error or a cancellation the rest
+    are abandoned (their replies will be dropped), without "exception never retrieved"."""
+    try:
+        return [await future for future in futures]
+    finally:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()

@@ -1,0 +1,178 @@
+"""RedisLink against real redis-servers: pipelined replies matched to their callers, abandoned
+calls that do not poison the connection, a hung or dead server, reconnects, error replies,
+AUTH + SELECT and the unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from test_admission import Server
+
+from gateway.redis_link import RedisLink, ReplyError, pack
+
+
+@pytest.fixture
+async def link(redis_url: str) -> AsyncIterator[RedisLink]:
+    link = RedisLink.from_url(redis_url, connect_timeout_s=2.0)
+    yield link
+    await link.aclose()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+async def client_id(link: RedisLink) -> int:
+    return int(await link.execute(pack(b"CLIENT", b"ID")))
+
+
+async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(
+    link: RedisLink,
+) -> None:
+    async def call(i: int) -> tuple[int, bool, int]:
+        # Replies of different types and sizes (some span several socket reads).
+        value = str(i).encode() * (1 + i % 7) * (1000 if i % 50 == 0 else 1)
+        echoed = await link.execute(pack(b"ECHO", value))
+        counted = await link.execute(pack(b"INCRBY", b"n:%d" % (i % 5), b"%d" % i))
+        return i, echoed == value, counted
+
+    # The first calls race the lazy connect: they must share it.
+    ids, results = await asyncio.gather(
+        asyncio.gather(*(client_id(link) for _ in range(20))),
+        asyncio.gather(*(call(i) for i in range(2000))),
+    )
+    assert len(set(ids)) == 1
+    assert all(ok for _, ok, _ in results)
+    # Each INCRBY saw its own reply: the last value per counter is the sum of its increments.
+    finals = {i % 5: 0 for i in range(2000)}
+    for i in range(2000):
+        finals[i % 5] += i
+    got = await link.execute_many([pack(b"GET", b"n:%d" % k) for k in range(5)])
+    assert [int(v) for v in got] == [finals[k] for k in range(5)]
+    assert max(counted for i, _, counted in results if i % 5 == 0) == finals[0]
+    assert await client_id(link) == ids[0]
+
+
+async def test_an_abandoned_call_does_not_poison_the_connection(link: RedisLink) -> None:
+    before = await client_id(link)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await link.execute(pack(b"BLPOP", b"nothing", b"0.3"))  # answers nil at 0.3 s
+    # Queued behind the blocked command: gets its own reply, not BLPOP's late nil.
+    assert await link.execute(pack(b"ECHO", b"next")) == b"next"
+    assert await client_id(link) == before
+
+
+async def test_a_server_that_stops_answering_is_dropped_after_the_hang_bound(
+    redis_url: str,
+) -> None:
+    link = RedisLink.from_url(redis_url, hang_s=0.2)
+    try:
+        before = await client_id(link)
+        blocked = asyncio.ensure_future(link.execute(pack(b"BLPOP", b"nothing", b"5")))
+        queued = asyncio.ensure_future(link.execute(pack(b"ECHO", b"queued")))
+        for call in (blocked, queued):
+            with pytest.raises(ConnectionError, match="no reply"):
+                await asyncio.wait_for(call, 2)
+        assert await client_id(link) != before  # reconnected
+    finally:
+        await link.aclose()
+
+
+async def test_error_replies_raise_and_recognise_noscript(link: RedisLink) -> None:
+    with pytest.raises(ReplyError) as missing:
+        await link.execute(pack(b"EVALSHA", b"0" * 40, b"0"))
+    assert missing.value.noscript and str(missing.value).startswith("NOSCRIPT")
+    await link.execute(pack(b"SET", b"s", b"x"))
+    with pytest.raises(ReplyError) as wrong:
+        await link.execute(pack(b"INCR", b"s"))
+    assert not wrong.value.noscript
+    with pytest.raises(ReplyError):
+        await link.execute_many([pack(b"INCR", b"c"), pack(b"INCR", b"s"), pack(b"INCR", b"c")])
+    assert await link.execute(pack(b"GET", b"c")) == b"2"  # the batch ran whole
+
+
+async def test_killed_server_fails_pending_calls_and_a_restart_reconnects(server: Server) -> None:
+    link = RedisLink.from_url(server.url, connect_timeout_s=1.0)
+    try:
+        assert await link.execute(pack(b"PING")) == b"PONG"
+        pending = asyncio.ensure_future(link.execute(pack(b"BLPOP", b"nothing", b"10")))
+        await asyncio.sleep(0.05)
+        server.stop()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(pending, 2)
+        with pytest.raises(OSError):  # refused: nothing listens
+            await link.execute(pack(b"PING"))
+        server.start()
+        assert await link.execute(pack(b"PING")) == b"PONG"
+    finally:
+        await link.aclose()
+
+
+async def test_unreachable_server_raises_oserror() -> None:
+    link = RedisLink.from_url("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
+    with pytest.raises(OSError):
+        await link.execute(pack(b"PING"))
+    await link.aclose()
+
+
+async def test_a_caller_cancelled_during_connect_leaves_it_to_the_others(server: Server) -> None:
+    link = RedisLink.from_url(server.url, connect_timeout_s=1.0)
+    try:
+        impatient = asyncio.ensure_future(link.execute(pack(b"ECHO", b"a")))
+        patient = asyncio.ensure_future(link.execute(pack(b"ECHO", b"b")))
+        await asyncio.sleep(0)  # both are waiting on the one connect
+        impatient.cancel()
+        assert await patient == b"b"
+        assert impatient.cancelled()
+    finally:
+        await link.aclose()
+
+
+async def test_auth_and_select_before_any_command() -> None:
+    srv = Server("--requirepass", "s3cret")
+    srv.start()
+    try:
+        for url in (
+            f"redis://:s3cret@127.0.0.1:{srv.port}/5",
+            f"redis://default:s3cret@127.0.0.1:{srv.port}/5",
+        ):
+            link = RedisLink.from_url(url)
+            try:
+                # Queued before the connection exists: must run after AUTH and SELECT.
+                await asyncio.gather(*(link.execute(pack(b"INCR", b"x")) for _ in range(3)))
+            finally:
+                await link.aclose()
+        with redis.Redis(port=srv.port, password="s3cret", db=5) as check:
+            assert check.get("x") == b"6"
+        with redis.Redis(port=srv.port, password="s3cret", db=0) as check:
+            assert check.get("x") is None
+        wrong = RedisLink.from_url(f"redis://:nope@127.0.0.1:{srv.port}/0")
+        with pytest.raises(ConnectionError, match="handshake"):
+            await wrong.execute(pack(b"PING"))
+        await wrong.aclose()
+    finally:
+        srv.stop()
+
+
+async def test_unix_socket_with_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    srv = Server("--unixsocket", str(path), "--unixsocketperm", "700")
+    srv.start()
+    link = RedisLink.from_url(f"unix://{path}?db=3")
+    try:
+        await link.execute(pack(b"SET", b"u", b"1"))
+        assert b" db=3 " in await link.execute(pack(b"CLIENT", b"INFO"))
+        with redis.Redis(unix_socket_path=str(path), db=3) as check:
+            assert check.get("u") == b"1"
+    finally:
+        await link.aclose()
+        srv.stop()

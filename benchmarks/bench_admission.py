@@ -1,10 +1,10 @@
 """Admission cost against a plain Redis round trip, measured in the same run.
 
-Three calls on the same connection pool: PING (the floor), a raw EVALSHA of the admission
-script with precomputed arguments (the script's own cost), and `Admission.admit` (script plus
-the Python around it). Latency is measured one call at a time; throughput with `--concurrency`
-calls in flight. Also reports retained memory growth over 1000 admits (the key and refusal
-caches are bounded, so it should stay near zero).
+Three calls on the same pipelined connection (gateway.redis_link): PING (the floor), a raw
+EVALSHA of the admission script with precomputed arguments (the script's own cost), and
+`Admission.admit` (script plus the Python around it). Latency is measured one call at a
+time; throughput with `--concurrency` calls in flight. Also reports retained memory growth
+over 1000 admits (the key and refusal caches are bounded, so it should stay near zero).
 
     .venv/bin/python benchmarks/bench_admission.py [--url redis://127.0.0.1:6379/0] [--n 5000]
 """
@@ -19,11 +19,8 @@ import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from gateway.admission import QUOTA_GRACE_MS, SCRIPT, SCRIPT_SHA, Admission, Policy
+from gateway.redis_link import RedisLink, pack
 
 POLICY = Policy(
     tenant_rate_per_s=1e6, tenant_burst=1_000_000, key_rate_per_s=1e6, key_burst=1_000_000,
@@ -58,27 +55,31 @@ async def throughput(call: Callable[[int], Awaitable[object]], n: int, concurren
 
 
 async def main(url: str, n: int, concurrency: int) -> None:
-    client = Redis.from_url(url, socket_timeout=1, retry=Retry(NoBackoff(), 0))
-    admission = Admission(client, timeout_ms=1_000)
+    link = RedisLink.from_url(url)
+    admission = Admission(link, timeout_ms=1_000)
     run = uuid.uuid4().hex[:6]
     tenants = [f"bench-{run}-{i}" for i in range(TENANTS)]
     reset = int(time.time() * 1000) + 60_000  # quota counters lapse an hour after this
-    await client.script_load(SCRIPT)
+    await link.execute(pack(b"SCRIPT", b"LOAD", SCRIPT.encode()))
+    ping_command = pack(b"PING")
 
     async def ping(i: int) -> object:
-        return await client.ping()
+        return await link.execute(ping_command)
 
-    raw_keys = [
-        [f"{{t:{t}}}:rate", f"{{t:{t}}}:rate:k:k", f"{{t:{t}}}:leases",
-         f"{{t:{t}}}:quota:api_calls:m", f"{{t:{t}}}:quota:ai_interactions:m"]
+    raw_calls = [
+        pack(
+            b"EVALSHA", SCRIPT_SHA.encode(), b"5",
+            *(k.encode() for k in (
+                f"{{t:{t}}}:rate", f"{{t:{t}}}:rate:k:k", f"{{t:{t}}}:leases",
+                f"{{t:{t}}}:quota:api_calls:m", f"{{t:{t}}}:quota:ai_interactions:m")),
+            b"", *POLICY.script_args, b"", str(reset).encode(),
+            str(reset + QUOTA_GRACE_MS).encode(), *POLICY.quota_args,
+        )
         for t in tenants
     ]
 
     async def evalsha(i: int) -> object:
-        return await client.evalsha(
-            SCRIPT_SHA, 5, *raw_keys[i % TENANTS], "", *POLICY.script_args, "",
-            reset, reset + QUOTA_GRACE_MS, *POLICY.quota_args,
-        )
+        return await link.execute(raw_calls[i % TENANTS])
 
     async def admit(i: int) -> object:
         tenant = tenants[i % TENANTS]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import uvloop
 from test_admission import Server
 
 from gateway.redis_link import RedisLink, ReplyError, pack
@@ -176,3 +177,34 @@ async def test_unix_socket_with_a_database(tmp_path: Path) -> None:
     finally:
         await link.aclose()
         srv.stop()
+
+
+def test_under_uvloop(server: Server) -> None:
+    """The gateway's server runs uvloop: its transports must behave the same."""
+
+    async def scenario() -> None:
+        link = RedisLink.from_url(server.url, connect_timeout_s=1.0)
+        try:
+            echoed = await asyncio.gather(
+                *(link.execute(pack(b"ECHO", b"%d" % i)) for i in range(500)))
+            assert echoed == [b"%d" % i for i in range(500)]
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await link.execute(pack(b"BLPOP", b"nothing", b"0.2"))
+            assert await link.execute(pack(b"ECHO", b"next")) == b"next"
+            hung = RedisLink.from_url(server.url, hang_s=0.2)
+            with pytest.raises(ConnectionError, match="no reply"):
+                await asyncio.wait_for(hung.execute(pack(b"BLPOP", b"nothing", b"5")), 2)
+            assert await hung.execute(pack(b"PING")) == b"PONG"
+            await hung.aclose()
+            pending = asyncio.ensure_future(link.execute(pack(b"BLPOP", b"nothing", b"10")))
+            await asyncio.sleep(0.05)
+            server.stop()
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(pending, 2)
+            server.start()
+            assert await link.execute(pack(b"PING")) == b"PONG"
+        finally:
+            await link.aclose()
+
+    uvloop.run(scenario())

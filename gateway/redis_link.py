@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import hiredis
@@ -56,8 +56,7 @@ class _Connection(asyncio.Protocol):
         self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.lost:
@@ -204,10 +203,18 @@ class RedisLink:
     async def _connected(self) -> _Connection:
         """Callers arriving during a connect share it; one caller's cancellation does not
         cancel it for the others (it has its own timeout)."""
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._connect())
-            self._connecting.add_done_callback(self._connect_done)
-        return await asyncio.shield(self._connecting)
+        task = self._connecting
+        if task is None:
+            task = self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            task.add_done_callback(self._connect_done)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # `aclose` cancelled the connect, not this caller: a failure, as for a lost link.
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise ConnectionError("redis link closed while connecting") from None
+            raise
 
     def _connect_done(self, task: asyncio.Task[_Connection]) -> None:
         self._connecting = None

@@ -208,3 +208,16 @@ def test_under_uvloop(server: Server) -> None:
             await link.aclose()
 
     uvloop.run(scenario())
+
+
+async def test_closing_during_a_connect_fails_its_callers_with_connectionerror(
+    server: Server,
+) -> None:
+    link = RedisLink.from_url(server.url, connect_timeout_s=1.0)
+    waiting = asyncio.ensure_future(link.execute(pack(b"PING")))
+    await asyncio.sleep(0)  # the connect has started
+    await link.aclose()
+    with pytest.raises(ConnectionError, match="closed"):
+        await waiting
+    assert await link.execute(pack(b"PING")) == b"PONG"  # usable again: it reconnects
+    await link.aclose()

@@ -41,11 +41,10 @@ FORWARDING = frozenset(
 DROPPED_REQUEST = frozenset({b"x-tenant-id", b"x-api-key", b"expect"})
 UNITS_HEADER = b"tollway-units"
 TOLLWAY_KEY_PREFIX = b"bearer tw_"
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _PEER_CACHE_MAX = 4096
 
 Header = tuple[bytes, bytes]
-StrHeader = tuple[str, str]
 
 
 class TrustedProxies:
@@ -98,25 +97,16 @@ def _passes(name: bytes, value: bytes, named: frozenset[bytes]) -> bool:
     return not (name == b"authorization" and value[:10].lower() == TOLLWAY_KEY_PREFIX)
 
 
-def _text(value: bytes) -> str:
-    # aiohttp serialises header text as UTF-8; Latin-1 keeps an invalid byte string intact-ish
-    # rather than failing the request.
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
-def _forwarded_value(value: str) -> str:
+def _forwarded_value(value: bytes) -> bytes:
     """An RFC 7239 value: a token if it is one, else a quoted-string."""
     if _TOKEN.fullmatch(value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def _forwarded_node(addr: str) -> str:
-    if ":" in addr:  # IPv6 must be bracketed, and brackets/colons force quoting
-        return f'"[{addr}]"'
+def _forwarded_node(addr: bytes) -> bytes:
+    if b":" in addr:  # IPv6 must be bracketed, and brackets/colons force quoting
+        return b'"[' + addr + b']"'
     return _forwarded_value(addr)
 
 
@@ -126,17 +116,17 @@ def request_headers(
     client: str | None,
     scheme: str,
     trusted: TrustedProxies,
-) -> list[StrHeader]:
+) -> list[Header]:
     """The header list to send upstream for a client request.
 
     `client` is the direct peer's address (ASGI `scope["client"][0]`), `scheme` the scheme the
-    client used. The result is `str` pairs because that is what aiohttp takes; the upstream
-    `Host` is left for the client library to set from the upstream URL.
+    client used. The upstream `Host` is left for the upstream client to set from the upstream
+    URL; names keep the client's spelling.
     """
     headers = headers if isinstance(headers, (list, tuple)) else list(headers)
     named = connection_tokens(headers)
     peer_trusted = client in trusted
-    out: list[StrHeader] = []
+    out: list[Header] = []
     host = prior_for = prior_proto = prior_host = prior_fwd = cookie = None
     for raw_name, value in headers:
         name = raw_name.lower()
@@ -156,23 +146,22 @@ def request_headers(
             elif name == b"x-forwarded-host":
                 prior_host = value
             else:
-                out.append((_text(raw_name), _text(value)))
+                out.append((raw_name, value))
         elif _passes(name, value, named):
-            out.append((_text(raw_name), _text(value)))
+            out.append((raw_name, value))
 
     if cookie is not None and b"cookie" not in named:
-        out.append(("Cookie", _text(cookie)))
-    peer = client or "unknown"
-    host_text = _text(host) if host else ""
-    xff = peer if prior_for is None else f"{_text(prior_for)}, {peer}"
-    out.append(("X-Forwarded-For", xff))
-    out.append(("X-Forwarded-Proto", _text(prior_proto) if prior_proto else scheme))
-    if prior_host or host_text:
-        out.append(("X-Forwarded-Host", _text(prior_host) if prior_host else host_text))
-    element = f"for={_forwarded_node(peer)};proto={scheme}"
-    if host_text:
-        element += f";host={_forwarded_value(host_text)}"
-    out.append(("Forwarded", element if prior_fwd is None else f"{_text(prior_fwd)}, {element}"))
+        out.append((b"Cookie", cookie))
+    peer = client.encode() if client else b"unknown"
+    proto = scheme.encode()
+    out.append((b"X-Forwarded-For", peer if prior_for is None else prior_for + b", " + peer))
+    out.append((b"X-Forwarded-Proto", prior_proto or proto))
+    if prior_host or host:
+        out.append((b"X-Forwarded-Host", prior_host or host))  # type: ignore[arg-type]
+    element = b"for=" + _forwarded_node(peer) + b";proto=" + proto
+    if host:
+        element += b";host=" + _forwarded_value(host)
+    out.append((b"Forwarded", element if prior_fwd is None else prior_fwd + b", " + element))
     return out
 
 

@@ -1,9 +1,9 @@
 """Forwarding one request to an upstream and streaming the answer back, over raw ASGI.
 
-aiohttp is the upstream client because it was measured at roughly ten times httpx's
-throughput here (benchmarks/RESULTS.md, "Proxy"). One pooled session per process, created on
-the first request so it binds to the server's running loop. Bodies move chunk by chunk in
-both directions; nothing is buffered whole, so memory stays flat whatever the size.
+The upstream client is gateway.upstream's lean HTTP/1.1 pool: aiohttp was measured at about
+ten times httpx's throughput here, and this client at a fraction of aiohttp's CPU per request
+(benchmarks/RESULTS.md, "Proxy" and "Hot path CPU"). Bodies move chunk by chunk in both
+directions; nothing is buffered whole, so memory stays flat whatever the size.
 
 Failures the client can see are problem+json: 431/413 for oversized requests before any
 upstream I/O, 502 when the upstream cannot be reached or answers garbage, 504 when it does
@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from gateway.forwarding import (
     Header,
@@ -32,6 +30,7 @@ from gateway.forwarding import (
     response_headers,
 )
 from gateway.units import parse_units
+from gateway.upstream import Response, UpstreamClient, UpstreamError, origin
 from tenancy.problems import PROBLEM_JSON, Problem
 from tenancy.settings import Settings
 
@@ -43,11 +42,10 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("tollway.proxy")
 
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response was done
-# Headers aiohttp would otherwise invent; the client's own values pass through instead.
-_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _PROBLEM_TYPE = PROBLEM_JSON.encode()
 _WATCH_AFTER_BYTES = 1 << 20
 _SMALL_BODY_BYTES = 64 * 1024
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})  # ASGI names are lowercase
 
 
 @dataclass(slots=True)
@@ -72,9 +70,10 @@ class _TooLarge(Exception):
 
 
 class _Upload:
-    """One exchange's progress: the client's body as an async iterator for aiohttp, counted
-    and capped as it flows, and the bytes sent back. aiohttp wraps errors raised in the body
-    iterator, so outcomes are kept in flags rather than read off the exception."""
+    """One exchange's progress: the client's body as an async iterator for the upstream
+    client, counted and capped as it flows, and the bytes sent back. Errors raised in the
+    body iterator surface as the upstream exchange failing, so outcomes are kept in flags
+    rather than read off the exception."""
 
     __slots__ = ("finished", "gone", "limit", "receive", "received", "responding", "sent",
                  "too_large")
@@ -150,6 +149,15 @@ def check_limits(headers: Sequence[Header], settings: Settings) -> Problem | Non
     return None
 
 
+def _bodyless(scope: Scope, headers: Sequence[Header]) -> bool:
+    """An HTTP/1.x request with neither Content-Length nor Transfer-Encoding has no body
+    (RFC 9112 §6.3), so there is no need to wait on `receive` for it; HTTP/2 can send a body
+    without declaring either."""
+    if scope.get("http_version", "1.1") not in ("1.1", "1.0"):
+        return False
+    return all(name not in _BODY_HEADERS for name, _ in headers)
+
+
 def _too_large(settings: Settings) -> Problem:
     return Problem(413, f"request body exceeds {settings.max_body_bytes} bytes")
 
@@ -158,41 +166,14 @@ class Proxy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.trusted = TrustedProxies(settings.trusted_proxies)
-        # sock_connect bounds the TCP connect; connect also covers waiting for a pool slot,
-        # which must not be unbounded either.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.upstream_connect_timeout_s + settings.upstream_read_timeout_s,
-            sock_connect=settings.upstream_connect_timeout_s,
-            sock_read=settings.upstream_read_timeout_s,
+        self.client = UpstreamClient(
+            pool_size=settings.upstream_pool_size,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            read_timeout_s=settings.upstream_read_timeout_s,
         )
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.settings.upstream_pool_size,
-                limit_per_host=0,
-                ttl_dns_cache=60,
-                keepalive_timeout=30,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                # A shared jar would hand one tenant's upstream cookies to the next tenant.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # Bytes pass through as the upstream encoded them, Content-Encoding intact.
-                auto_decompress=False,
-                skip_auto_headers=_NO_AUTO_HEADERS,
-                trust_env=False,
-                requote_redirect_url=False,
-            )
-        return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.client.close()
 
     async def forward(
         self,
@@ -201,10 +182,10 @@ class Proxy:
         send: Send,
         *,
         upstream: str,
-        path: str,
+        path: bytes,
         query: bytes,
         headers: Sequence[Header],
-        upstream_headers: Sequence[tuple[str, str]] = (),
+        upstream_headers: Sequence[Header] = (),
         extra_response_headers: Sequence[Header] = (),
     ) -> ProxyResult:
         """Send the request to `upstream` (scheme://host[:port][/base]) + `path` (already
@@ -228,38 +209,37 @@ class Proxy:
             trusted=self.trusted,
         )
         out_headers.extend(upstream_headers)
-        target = upstream.rstrip("/") + path
-        if query:
-            target += "?" + query.decode("latin-1")
+        target = path + b"?" + query if query else path
         upload = _Upload(receive, settings.max_body_bytes)
         started = time.perf_counter()
         upstream_ms = 0.0
         try:
-            first, more = await upload.first()
-            data: bytes | AsyncIterator[bytes] | None = (
-                upload.rest(first) if more else (first or None)
-            )
-            async with self._client().request(
-                scope["method"],
-                URL(target, encoded=True),
-                headers=out_headers,
-                data=data,
-                allow_redirects=False,
-            ) as resp:
+            to = origin(upstream)
+            if _bodyless(scope, headers):
+                first, more = b"", False
+                upload.finished = True
+            else:
+                first, more = await upload.first()
+            body: bytes | AsyncIterator[bytes] = upload.rest(first) if more else first
+            resp = await self.client.request(
+                to, scope["method"].encode("ascii"), target, out_headers, body)
+            try:
                 upstream_ms = (time.perf_counter() - started) * 1000
-                resp_headers, units_raw = response_headers(resp.raw_headers)
+                resp_headers, units_raw = response_headers(resp.headers)
                 resp_headers.extend(extra_response_headers)
                 upload.responding = True
                 await _send(send, upload, {
                     "type": "http.response.start", "status": resp.status, "headers": resp_headers,
                 })
                 await _stream_body(resp, receive, send, upload)
-                return ProxyResult(
-                    resp.status, upload.received, upload.sent, parse_units(units_raw), upstream_ms
-                )
-        except (TimeoutError, _ClientGone, _TooLarge, aiohttp.ClientError) as exc:
+            finally:
+                resp.release()
+            return ProxyResult(
+                resp.status, upload.received, upload.sent, parse_units(units_raw), upstream_ms
+            )
+        except (UpstreamError, _ClientGone, _TooLarge, ValueError) as exc:
             return await self._failed(exc, upload, send, upstream_ms, extra_response_headers,
-                                      target)
+                                      upstream)
 
     async def _failed(
         self,
@@ -284,6 +264,9 @@ class Proxy:
         elif isinstance(exc, TimeoutError):
             log.warning("upstream %s timed out: %r", target, exc)
             problem = Problem(504, "the upstream service did not answer in time")
+        elif isinstance(exc, ValueError):
+            log.warning("request for %s not forwarded: %s", target, exc)
+            problem = Problem(400, f"the request cannot be forwarded: {exc}")
         else:
             log.warning("upstream %s failed: %r", target, exc)
             problem = Problem(502, "the upstream service could not be reached")
@@ -299,14 +282,12 @@ async def _send(send: Send, upload: _Upload, message: Message) -> None:
         raise _ClientGone from exc
 
 
-async def _stream_body(
-    resp: aiohttp.ClientResponse, receive: Receive, send: Send, upload: _Upload
-) -> None:
+async def _stream_body(resp: Response, receive: Receive, send: Send, upload: _Upload) -> None:
     """Copy the upstream body to the client chunk by chunk. `send` blocks while the client is
     slow, which is the backpressure; but some servers (granian) silently swallow sends once
     the client is gone, so past the first megabyte a watcher on `receive` notices the
     disconnect and stops the copy. Small responses never pay for the watcher task."""
-    length = resp.content_length
+    length = resp.content_length()
     if length is not None and length <= _SMALL_BODY_BYTES:
         # Bounded by the upstream's own Content-Length: one read and one send instead of a
         # chunk loop, the common case for API responses.
@@ -317,7 +298,7 @@ async def _stream_body(
         return
     watch: asyncio.Future[Message] | None = None
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.iter_chunks():
             upload.sent += len(chunk)
             await _send(send, upload, {"type": "http.response.body", "body": chunk,
                                        "more_body": True})

@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote
 
 from tenancy.settings import Settings
 
-HEADER = "X-Tollway-Tenant"
+HEADER = b"X-Tollway-Tenant"
 KEY_FILE = "tenant_signing.key"
 MIN_SECRET_BYTES = 32
 MAX_VALUE_BYTES = 1024
@@ -61,7 +61,7 @@ class TenantSigner:
         self._macs = {key_id_of(s): hmac.new(s, digestmod=hashlib.sha256) for s in secrets_}
         self._sign_kid = key_id_of(secrets_[0])
         self._sign_mac = self._macs[self._sign_kid]
-        self._cache: dict[tuple[str, str], tuple[int, str]] = {}
+        self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantSigner:
@@ -69,8 +69,8 @@ class TenantSigner:
             return cls([s.encode() for s in settings.tenant_signing_keys])
         return cls([local_secret(settings.data_dir)])
 
-    def sign(self, tenant_id: str, key_id: str, now: float) -> str:
-        """The header value, as `str` because that is what the upstream client takes."""
+    def sign(self, tenant_id: str, key_id: str, now: float) -> bytes:
+        """The header value; one HMAC per (tenant, key) per second, cached in between."""
         ts = int(now)
         cached = self._cache.get((tenant_id, key_id))
         if cached is not None and cached[0] == ts:
@@ -81,7 +81,8 @@ class TenantSigner:
         )
         mac = self._sign_mac.copy()
         mac.update(claims.encode())
-        value = f"{claims},sig={base64.urlsafe_b64encode(mac.digest()).rstrip(b'=').decode()}"
+        sig = base64.urlsafe_b64encode(mac.digest()).rstrip(b"=")
+        value = b"%s,sig=%s" % (claims.encode(), sig)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[(tenant_id, key_id)] = (ts, value)

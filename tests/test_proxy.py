@@ -146,7 +146,7 @@ async def harness(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Harness]:
             result = await proxy.forward(
                 scope, receive, send,
                 upstream=target or upstream.url,
-                path=scope["raw_path"].decode("latin-1"),
+                path=scope["raw_path"],
                 query=scope["query_string"],
                 headers=scope["headers"],
                 upstream_headers=[(HEADER, SIGNER.sign("ten_1", "key_1", time.time()))],
@@ -375,7 +375,7 @@ async def test_upstream_silent_mid_body_is_cut_not_completed(
     scope = {"type": "http", "method": "GET", "scheme": "http", "client": ("192.0.2.7", 1),
              "headers": headers}
     try:
-        result = await proxy.forward(scope, receive, send, upstream=upstream.url, path="/stall",
+        result = await proxy.forward(scope, receive, send, upstream=upstream.url, path=b"/stall",
                                      query=b"", headers=headers)
     finally:
         await proxy.close()
@@ -428,7 +428,7 @@ def served_app() -> Any:
             await send({"type": "lifespan.shutdown.complete"})
             return
         await proxy.forward(scope, receive, send, upstream=upstream,
-                            path=scope["raw_path"].decode("latin-1"),
+                            path=scope["raw_path"],
                             query=scope["query_string"], headers=scope["headers"])
 
     return app

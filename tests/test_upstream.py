@@ -237,8 +237,6 @@ async def test_pool_waiter_proceeds_when_a_connection_closes() -> None:
         assert up.accepted == 3
 
 
-@pytest.mark.xfail(strict=True, reason="a connection returned to the pool does not wake a "
-                   "request waiting for a pool slot; it waits for connect+read timeout")
 async def test_pool_waiter_proceeds_when_a_connection_returns_to_the_pool() -> None:
     async with upstream(serve_forever(OK)) as up, \
             client_for(pool_size=2, connect_timeout_s=10, read_timeout_s=10) as client:
@@ -373,8 +371,6 @@ async def test_body_cut_short_is_broken(answer: bytes) -> None:
         resp.release()
 
 
-@pytest.mark.xfail(strict=True, reason="bytes after a complete response (a second response "
-                   "in the same packet) are parsed as more body of the first")
 async def test_bytes_after_the_response_are_not_body() -> None:
     extra = OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
     async with upstream(serve_forever(extra)) as up, client_for() as client:
@@ -554,8 +550,6 @@ async def test_early_answer_to_an_upload_is_returned_and_not_reused() -> None:
         assert up.accepted == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the read timeout runs from the start of the request, "
-                   "so an upload slower than read_timeout_s fails although bytes keep flowing")
 async def test_slow_upload_is_not_a_read_timeout() -> None:
     ref: list[Upstream] = []
 
@@ -603,8 +597,6 @@ async def test_large_response_read_slowly_stays_bounded() -> None:
         assert most <= bound
 
 
-@pytest.mark.xfail(strict=True, reason="a complete response abandoned while reading is paused "
-                   "goes back to the pool still paused: the next request on it never hears back")
 async def test_abandoned_paused_response_does_not_poison_the_pool() -> None:
     first, last = b"y" * (_HIGH_WATER - 10), b"y" * 20  # the last bytes cross the mark
     length = len(first) + len(last)

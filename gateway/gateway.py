@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
 from gateway import observability, ratelimit_headers
-from gateway.admission import QUOTA_GRACE_MS, Admission, Decision, Policy, month_window, quota_key
+from gateway.admission import Admission, Decision, Policy, month_window
 from gateway.forwarding import Header
 from gateway.jwt_auth import JwtVerifier
 from gateway.observability import RequestMetrics, TenantLabels
@@ -148,6 +148,7 @@ class Gateway:
         await self.admission.close()
         await self.emitter.aclose()
         await self.jwt.close()
+        observability.flush_access_log()
 
     def _swapped(self, snapshot: Snapshot) -> None:
         self.labels.update(snapshot)
@@ -265,7 +266,7 @@ class Gateway:
             result = await self.proxy.forward(
                 scope, receive, send,
                 upstream=upstream,
-                path=resolved.raw_path.decode("ascii"),
+                path=resolved.raw_path,
                 query=scope.get("query_string", b""),
                 headers=headers,
                 upstream_headers=upstream_extra,
@@ -343,29 +344,14 @@ class Gateway:
                    if inc == 0 and units.get(meter)]
         if charges:
             task = asyncio.get_running_loop().create_task(
-                _incr(self.admission, tenant_id, charges, month, reset_ms))
+                self.admission.charge(tenant_id, charges, month, reset_ms))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
 
-async def _incr(admission: Admission, tenant_id: str, charges: list[tuple[str, int]],
-                month: str, reset_ms: int) -> None:
-    try:
-        # the admission client has no socket timeout of its own: every call brings one
-        async with asyncio.timeout(admission.timeout_s * 2):
-            async with admission.client.pipeline(transaction=False) as pipe:
-                for meter, amount in charges:
-                    key = quota_key(tenant_id, meter, month)
-                    pipe.incrby(key, amount)
-                    pipe.pexpireat(key, reset_ms + QUOTA_GRACE_MS)
-                await pipe.execute()
-    except Exception as exc:  # usage events still carry the units; only the check lags
-        log.warning("could not add reported units to %s's quota counters: %s", tenant_id, exc)
-
-
 def _request_id(
     headers: Sequence[Header],
-) -> tuple[str, Sequence[Header], list[tuple[str, str]]]:
+) -> tuple[str, Sequence[Header], list[Header]]:
     """A valid client `X-Request-Id` is kept (and forwarded as sent); otherwise a fresh one
     is made and sent upstream, and an invalid client value is dropped from the headers."""
     for name, value in headers:
@@ -375,7 +361,7 @@ def _request_id(
             headers = [(n, v) for n, v in headers if n != _X_REQUEST_ID]
             break
     request_id = f"{random.getrandbits(64):016x}"  # an id, not a secret
-    return request_id, headers, [("X-Request-Id", request_id)]
+    return request_id, headers, [(b"X-Request-Id", request_id.encode())]
 
 
 async def _send_refusal(send: Send, decision: Decision, headers: list[Header]) -> int:

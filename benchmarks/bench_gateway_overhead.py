@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import socket
 import subprocess
@@ -39,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway import observability  # noqa: E402
 from gateway.gateway import Gateway  # noqa: E402
+from gateway.redis_link import pack  # noqa: E402
+from gateway.upstream import origin  # noqa: E402
 from tenancy import keys, plans, tenants  # noqa: E402
 from tenancy.controlplane import ControlPlane  # noqa: E402
 from tenancy.settings import load_settings  # noqa: E402
@@ -101,10 +102,8 @@ async def run(n: int, concurrencies: list[int], tmp: Path) -> None:
                                 plan="bench", upstream=upstream)
         _, secret = keys.create(cp, tenant["id"], actor="bench")
 
-        devnull = open(os.devnull, "w")  # noqa: SIM115 - closed in finally
-        handler = logging.StreamHandler(devnull)
-        handler.setFormatter(observability.JsonFormatter())
-        observability.access_log.addHandler(handler)
+        devnull = open(os.devnull, "wb")  # noqa: SIM115 - closed in finally
+        observability.setup_access_log(stream=devnull)
         gateway = Gateway.from_settings(settings, cp.engine)
         await gateway.start()
         try:
@@ -119,15 +118,20 @@ async def run(n: int, concurrencies: list[int], tmp: Path) -> None:
             proc.wait(5)
 
 
+PING = pack(b"PING")
+
+
 async def measure(gateway: Gateway, upstream: str, secret: str, n: int,
                   concurrencies: list[int]) -> None:
-    session = gateway.proxy._client()  # the very session the gateway proxies with
+    client = gateway.proxy.client  # the very pool the gateway proxies with
+    to = origin(upstream)
     headers = [(b"host", b"api.bench.test"), (b"x-api-key", secret.encode()),
                (b"accept", b"*/*"), (b"user-agent", b"bench")]
 
     async def direct() -> None:
-        async with session.get(upstream + "/v1/items") as resp:
-            await resp.read()
+        resp = await client.request(to, b"GET", b"/v1/items", [])
+        await resp.read()
+        resp.release()
 
     async def receive() -> MutableMapping[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -156,10 +160,10 @@ async def measure(gateway: Gateway, upstream: str, secret: str, n: int,
         return (time.perf_counter() - started) / (per * c)
 
     async def ping() -> None:
-        await gateway.admission.client.ping()
+        await gateway.admission.link.execute(PING)
 
     await timed(ping, 200, 1)
-    print(f"reference: one redis-py PING round trip {await timed(ping, n, 1) * 1e6:.1f} µs")
+    print(f"reference: one PING on the admission link {await timed(ping, n, 1) * 1e6:.1f} µs")
     for c in concurrencies:
         await timed(direct, min(n, 500), c)  # warm the pool and both paths
         await timed(through, min(n, 500), c)

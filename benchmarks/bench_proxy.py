@@ -124,15 +124,19 @@ PROXY_ENV = {"TOLLWAY_UPSTREAM": UPSTREAM}
 TARGETS = [
     Target("direct", ORIGIN_PORT),
     Target("nginx", 18092, nginx("proxy", 18092)),
-    Target("tollway-aiohttp", 18093, granian("benchmarks.bench_proxy:aiohttp_app", 18093),
+    Target("tollway-proxy", 18093, granian("benchmarks.bench_proxy:proxy_app", 18093),
            PROXY_ENV),
+    Target("aiohttp-proxy", 18095, granian("benchmarks.reference_proxies:aiohttp_app", 18095),
+           PROXY_ENV),
+    Target("naive-starlette", 18096, granian("benchmarks.reference_proxies:naive_app", 18096),
+           PROXY_ENV, setup=True),
     Target("tollway-gateway", 18097, granian("benchmarks.gateway_target:app", 18097),
            setup=True),
     Target("tollway-gateway-nolog", 18098, granian("benchmarks.gateway_target:app", 18098),
            {"BENCH_ACCESS_LOG": "0"}, setup=True),
     Target("tollway-httpx", 18094, granian("benchmarks.bench_proxy:httpx_app", 18094), PROXY_ENV),
 ]
-DEFAULT_TARGETS = ("direct", "nginx", "tollway-aiohttp", "tollway-gateway")
+DEFAULT_TARGETS = ("direct", "nginx", "naive-starlette", "tollway-proxy", "tollway-gateway")
 
 
 # --- the ASGI apps under test (served by granian --factory) ---
@@ -152,7 +156,7 @@ def _upstream() -> str:
     return load_settings().upstream or UPSTREAM
 
 
-def aiohttp_app() -> Callable[..., Any]:
+def proxy_app() -> Callable[..., Any]:
     """Tollway's proxy alone: no tenant resolution, auth, admission or emission."""
     proxy = Proxy(load_settings())
     upstream = _upstream()
@@ -162,8 +166,7 @@ def aiohttp_app() -> Callable[..., Any]:
             await _lifespan(receive, send, proxy.close)
             return
         await proxy.forward(
-            scope, receive, send, upstream=upstream,
-            path=scope.get("raw_path", scope["path"].encode()).decode("latin-1"),
+            scope, receive, send, upstream=upstream, path=scope["raw_path"],
             query=scope["query_string"], headers=scope["headers"],
         )
 
@@ -190,10 +193,11 @@ def httpx_app() -> Callable[..., Any]:
         headers = request_headers(scope["headers"], client=peer[0] if peer else None,
                                   scheme=scope["scheme"], trusted=trusted)
         body = (await receive()).get("body") or None
-        url = upstream + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        url = upstream + scope["raw_path"].decode("latin-1")
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        request = client.build_request(scope["method"], url, headers=headers, content=body)
+        request = client.build_request(scope["method"], url, headers=headers,
+                                       content=body)
         response = await client.send(request, stream=True)
         try:
             out, _ = response_headers(response.headers.raw)
@@ -605,7 +609,7 @@ def stream(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp, processes() as start:
         run = Run(Path(tmp))
         start("origin", granian("benchmarks.upstream:app", origin_port)(run), {}, run.workdir)
-        proxy = start("proxy", granian("benchmarks.bench_proxy:aiohttp_app", proxy_port)(run),
+        proxy = start("proxy", granian("benchmarks.bench_proxy:proxy_app", proxy_port)(run),
                       env, run.workdir)
         base = f"http://127.0.0.1:{proxy_port}"
         wait_ready(f"http://127.0.0.1:{origin_port}/")

@@ -6,13 +6,23 @@ futures in the order the commands were sent. Compared with redis-py's pool this 
 call, a pool checkout and release, a `StreamWriter` write and a send syscall; and a caller
 that gives up (its `asyncio.timeout`) only abandons its future, so its late reply is
 discarded instead of costing the connection. See docs/admission.md, "The Redis link".
+
+A call may carry a reply deadline (`execute(packed, timeout_s)`), counted from the moment
+its bytes were written, and enforced by one timer per connection rather than one
+`asyncio.timeout` per call. The point is what a timeout means: Redis did not answer in time.
+A per-call timer also fires when the reply came on time but this process's event loop was too
+busy to read it (CPU overload), and that turned overload into refusals (503s) and an open
+breaker. So when a deadline passes while reply bytes sit unread in the socket, the verdict
+waits for the loop to read them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections import deque
+from itertools import islice
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -20,6 +30,7 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
 HANG_S = 5.0  # no reply for this long to the oldest outstanding command: the server is gone
+_RECHECK_S = 0.001  # a deadline met by unread reply bytes is looked at again after a loop turn
 _MORE = object()  # hiredis's "not enough data yet"
 
 
@@ -48,33 +59,89 @@ class _Connection(asyncio.Protocol):
         self.hang_s = hang_s
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ReplyError, notEnoughData=_MORE)
-        # (future, time sent) per command, oldest first; abandoned futures stay until answered
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # [future, time written (0 until then), reply timeout (0: none)] per command, oldest
+        # first; abandoned futures stay until answered, to keep replies matched in order
+        self.pending: deque[list[Any]] = deque()
         self.buffer: list[bytes] = []
         self.lost = False
         self.closed: asyncio.Future[None] = loop.create_future()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
+        self._fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
+    def send(self, packed: bytes, timeout_s: float = 0.0) -> asyncio.Future[Any]:
         if self.lost:
             raise ConnectionError("redis connection lost")
         future = self.loop.create_future()
-        now = self.loop.time()
-        self.pending.append((future, now))
+        self.pending.append([future, 0.0, timeout_s])
         if not self.buffer:
             self.loop.call_soon(self._flush)
         self.buffer.append(packed)
-        if self._watchdog is None:
-            self._watchdog = self.loop.call_at(now + self.hang_s, self._check_hang)
         return future
 
     def _flush(self) -> None:
-        if self.buffer and not self.lost and self.transport is not None:
+        buffered = len(self.buffer)
+        if buffered and not self.lost and self.transport is not None:
             self.transport.write(b"".join(self.buffer))
+            now = self.loop.time()
+            earliest = 0.0
+            for entry in islice(reversed(self.pending), buffered):
+                entry[1] = now
+                if entry[2] and (not earliest or entry[2] < earliest):
+                    earliest = entry[2]
+            if earliest and (self._deadline is None or now + earliest < self._deadline_at):
+                self._arm_deadline(now + earliest)
+            if self._watchdog is None:
+                self._watchdog = self.loop.call_at(now + self.hang_s, self._check_hang)
         self.buffer.clear()
+
+    def _arm_deadline(self, when: float) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline_at = when
+        self._deadline = self.loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """Fail the calls whose reply is overdue, unless reply bytes are waiting to be read:
+        then Redis did answer and the loop is late, so look again once it has read them."""
+        self._deadline = None
+        if self.lost:
+            return
+        now = self.loop.time()
+        overdue: list[asyncio.Future[Any]] = []
+        upcoming = 0.0
+        for future, written, timeout_s in self.pending:
+            if not written:
+                break  # not sent yet, nor anything after it
+            if not timeout_s or future.done():
+                continue
+            due = written + timeout_s
+            if due <= now:
+                overdue.append(future)
+            elif not upcoming or due < upcoming:
+                upcoming = due
+        if overdue and self._unread():
+            self._arm_deadline(now + _RECHECK_S)
+            return
+        for future in overdue:
+            future.set_exception(TimeoutError("redis did not answer in time"))
+        if upcoming:
+            self._arm_deadline(upcoming)
+
+    def _unread(self) -> bool:
+        if self._fd < 0:
+            return False
+        try:
+            readable, _, _ = select.select([self._fd], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def data_received(self, data: bytes) -> None:
         reader, pending = self.reader, self.pending
@@ -101,7 +168,8 @@ class _Connection(asyncio.Protocol):
         self._watchdog = None
         if not self.pending or self.lost:
             return
-        due = self.pending[0][1] + self.hang_s
+        written = self.pending[0][1] or self.loop.time()
+        due = written + self.hang_s
         if self.loop.time() >= due:
             self._fail(ConnectionError(f"redis sent no reply for {self.hang_s} s"))
         else:
@@ -120,6 +188,9 @@ class _Connection(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         while self.pending:
             future = self.pending.popleft()[0]
             if not future.done():
@@ -176,20 +247,22 @@ class RedisLink:
             hang_s=hang_s,
         )
 
-    async def execute(self, packed: bytes) -> Any:
+    async def execute(self, packed: bytes, timeout_s: float = 0.0) -> Any:
         """Send one packed command and return its reply; an error reply raises ReplyError, a
-        lost or hung connection ConnectionError (the next call reconnects)."""
+        lost or hung connection ConnectionError (the next call reconnects), and no reply
+        within `timeout_s` of the command's write TimeoutError (0: no reply timeout; a
+        connect still has its own)."""
         conn = self._conn
         if conn is None or conn.lost:
             conn = await self._connected()
-        return await conn.send(packed)
+        return await conn.send(packed, timeout_s)
 
-    async def execute_many(self, commands: list[bytes]) -> list[Any]:
+    async def execute_many(self, commands: list[bytes], timeout_s: float = 0.0) -> list[Any]:
         """Send several packed commands in one write; their replies, or the first error."""
         conn = self._conn
         if conn is None or conn.lost:
             conn = await self._connected()
-        return await _all([conn.send(packed) for packed in commands])
+        return await _all([conn.send(packed, timeout_s) for packed in commands])
 
     async def aclose(self) -> None:
         """Close the connection; a later call would open a new one."""

@@ -335,34 +335,6 @@ async def test_a_redis_that_stops_answering_opens_the_breaker(server: Server) ->
         await adm.close()
 
 
-async def test_a_timeout_noticed_after_an_event_loop_stall_does_not_open_the_breaker(
-    server: Server,
-) -> None:
-    adm = Admission(link_for(server.url, 2.0), timeout_ms=20, breaker=Breaker(1, 60))
-    policy = Policy(tenant_rate_per_s=1000, tenant_burst=1000, fail_mode="closed")
-
-    async def admit() -> Decision:
-        return await _bounded(adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR))
-
-    try:
-        assert (await admit()).allowed  # the connection is open and the script loaded
-        failures = REGISTRY.get_sample_value("tollway_admission_redis_failures_total") or 0
-        with redis.Redis(port=server.port) as control:
-            control.client_pause(300, all=True)  # the reply is not there when the loop resumes
-        # This process then stalls for 10 timeouts at the call's first await, so the timeout
-        # is noticed 180 ms after its deadline. (Awaited directly: `_bounded` would start the
-        # call in a new task, after the stall.)
-        asyncio.get_running_loop().call_soon(time.sleep, 0.2)
-        stalled = await adm.admit("t1", "k", policy, month=NOV, month_reset_ms=FAR)
-        assert stalled.degraded and stalled.status == 503  # that request did time out...
-        assert REGISTRY.get_sample_value("tollway_admission_redis_failures_total") == failures + 1
-        assert adm.breaker.state == CLOSED  # ...but a threshold of 1 did not open the breaker
-        await asyncio.sleep(0.5)  # the pause is over
-        assert (await admit()).allowed
-    finally:
-        await adm.close()
-
-
 async def test_server_killed_mid_traffic_holds_the_policy(server: Server) -> None:
     # A generous timeout: this machine is shared, and the healthy phase must not degrade.
     adm = Admission(link_for(server.url, 1.0), timeout_ms=1_000, breaker=Breaker(5, 60))

@@ -5,6 +5,7 @@ AUTH + SELECT and the unix socket."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -221,3 +222,49 @@ async def test_closing_during_a_connect_fails_its_callers_with_connectionerror(
         await waiting
     assert await link.execute(pack(b"PING")) == b"PONG"  # usable again: it reconnects
     await link.aclose()
+
+
+async def _deadline_scenario(url: str) -> None:
+    """The reply deadline: a reply that does not come fails its call with TimeoutError, and
+    the connection stays usable; a reply that came on time but was left unread because the
+    event loop was stalled does not."""
+    link = RedisLink.from_url(url, connect_timeout_s=1.0)
+    try:
+        before = await client_id(link)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                link.execute(pack(b"BLPOP", b"nothing", b"0.3"), timeout_s=0.05), 2)
+        assert await link.execute(pack(b"ECHO", b"next"), timeout_s=1.0) == b"next"
+        assert await client_id(link) == before
+
+        # The reply came on time, but the process was stalled (descheduled on a busy box)
+        # and has not read it when the deadline is checked: not a timeout. The timer's
+        # callback is called by hand here because which comes first after a stall, the
+        # socket read or the timers, depends on the loop and on where the stall fell.
+        conn = link._conn
+        assert conn is not None
+        call = conn.send(pack(b"ECHO", b"late"), 0.01)
+        conn._flush()
+        time.sleep(0.2)
+        conn._check_deadlines()
+        assert not call.done()
+        assert await call == b"late"
+        # Whereas with nothing in the socket, the same check fails the call.
+        blocked = conn.send(pack(b"BLPOP", b"nothing", b"0.3"), 0.01)
+        conn._flush()
+        time.sleep(0.05)
+        conn._check_deadlines()
+        with pytest.raises(TimeoutError):
+            await blocked
+        assert await link.execute(pack(b"ECHO", b"still"), timeout_s=1.0) == b"still"
+    finally:
+        await link.aclose()
+
+
+async def test_the_reply_deadline_times_out_redis_not_the_event_loop(redis_url: str) -> None:
+    await _deadline_scenario(redis_url)
+
+
+def test_the_reply_deadline_under_uvloop(server: Server) -> None:
+    """The gateway's loop: its transports expose the socket the same way."""
+    uvloop.run(_deadline_scenario(server.url))

@@ -209,10 +209,12 @@ def _packed(args: tuple[bytes, ...]) -> bytes:
     return b"".join(map(_bulk, args))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The outcome of admission. `remaining` and `reset_s` align with `policy.limits`; they are
-    empty when Redis was not consulted. `degraded` marks decisions made without Redis."""
+    empty when Redis was not consulted. `degraded` marks decisions made without Redis.
+    Not frozen, though never changed: a frozen dataclass costs a setattr call per field to
+    build, once per request (the deny cache hands out copies)."""
 
     allowed: bool
     status: int

@@ -38,7 +38,6 @@ _HIGH_WATER = 256 * 1024  # unread response bytes at which reading pauses
 _LOW_WATER = 64 * 1024
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _BODYLESS_EMPTY = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})
-_FORBIDDEN = (b"\r", b"\n", b"\0")
 
 
 class UpstreamError(Exception):
@@ -89,29 +88,22 @@ def origin(url: str) -> Origin:
 
 
 def request_head(method: bytes, target: bytes, origin: Origin,
-                 headers: Sequence[Header]) -> bytearray:
+                 headers: Sequence[Header]) -> bytes:
     """The request line and headers, ready to write. Values crossing into another message
     must not carry CR, LF or NUL (request smuggling): the ASGI server's parser rejects them
-    in what the client sent, and this holds the line for what the gateway adds."""
-    for bad in _FORBIDDEN:
-        if bad in target or b" " in target:
-            raise ValueError("the request target carries a control character or a space")
-    head = bytearray(method)
-    head += b" "
-    head += target
-    head += b" HTTP/1.1\r\nHost: "
-    head += origin.host_header
-    head += b"\r\n"
-    for name, value in headers:
-        for bad in _FORBIDDEN:
-            if bad in value or bad in name:
-                raise ValueError(f"header {name!r} carries a control character")
-        head += name
-        head += b": "
-        head += value
-        head += b"\r\n"
-    head += b"\r\n"
-    return head
+    in what the client sent, and this holds the line for what the gateway adds. Checked on
+    the joined block, where the separators are the only CR/LF allowed: a third of the cost
+    of checking every value."""
+    if b" " in target or b"\r" in target or b"\n" in target or b"\0" in target:
+        raise ValueError("the request target carries a space or a control character")
+    block = b"\r\n".join([b"%s: %s" % header for header in headers])
+    separators = len(headers) - 1 if headers else 0
+    if block.count(b"\n") != separators or block.count(b"\r") != separators or b"\0" in block:
+        raise ValueError("a header carries a control character")
+    if headers:
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n\r\n" % (
+            method, target, origin.host_header, block)
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (method, target, origin.host_header)
 
 
 class _Connection(asyncio.Protocol):
@@ -125,6 +117,7 @@ class _Connection(asyncio.Protocol):
         self.counted = True  # in the client's count of open connections
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
+        self.active = False  # a response is expected
         self._head_only = False
         self._informational = False
         self._head: asyncio.Future[None] | None = None
@@ -151,7 +144,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:  # bytes nobody asked for: the connection cannot be trusted
+        if parser is None or not self.active:  # bytes nobody asked for: not to be trusted
             self._abort(UpstreamBroken("upstream sent data outside a response"))
             return
         if self.complete:  # more than the response: never reuse this connection
@@ -170,7 +163,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.client._lost(self)
-        if self._parser is not None and not self.complete and self.failure is None:
+        if self.active and not self.complete and self.failure is None:
             if self._head is not None and self._head.done() and self._ends_at_eof():
                 self.complete = True  # a body delimited by the connection's close
                 self.keep_alive = False
@@ -273,7 +266,12 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def start(self, head_only: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        """Ready for the next response. llhttp resets itself after each complete response, so
+        the parser is kept, except around HEAD: its response announces a body that never
+        comes, which would leave the parser waiting for it."""
+        if self._parser is None or head_only or self._head_only:
+            self._parser = httptools.HttpResponseParser(self)
+        self.active = True
         self._head_only = head_only
         self._informational = False
         self._head = None
@@ -437,7 +435,7 @@ class UpstreamClient:
         elif isinstance(body, bytes) and not declared and (body or method not in _BODYLESS_EMPTY):
             extra.append((b"Content-Length", str(len(body)).encode()))
         head = request_head(method, to.base + target, to, [*headers, *extra] if extra else headers)
-        if isinstance(body, bytes):
+        if isinstance(body, bytes) and body:
             head += body
         chunked = streamed and not declared
 
@@ -551,7 +549,7 @@ class UpstreamClient:
     def _release(self, conn: _Connection, *, reusable: bool) -> None:
         if (reusable and conn.complete and conn.keep_alive and not conn.closed
                 and not self._closing):
-            conn._parser = None
+            conn.active = False
             conn.chunks.clear()
             conn.buffered = 0
             if conn._read_paused and conn.transport is not None:

@@ -271,6 +271,7 @@ class Gateway:
                 headers=headers,
                 upstream_headers=upstream_extra,
                 extra_response_headers=limit_headers,
+                limits_checked=True,
             )
         except BaseException as exc:  # cancelled (client gone, shutdown) or a bug: still logged
             gone = isinstance(exc, asyncio.CancelledError)

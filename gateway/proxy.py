@@ -187,6 +187,7 @@ class Proxy:
         headers: Sequence[Header],
         upstream_headers: Sequence[Header] = (),
         extra_response_headers: Sequence[Header] = (),
+        limits_checked: bool = False,
     ) -> ProxyResult:
         """Send the request to `upstream` (scheme://host[:port][/base]) + `path` (already
         percent-encoded, e.g. the ASGI raw_path) + `query`, and stream the response to `send`.
@@ -194,12 +195,15 @@ class Proxy:
         `headers` are the client's request headers, filtered here (gateway.forwarding);
         `upstream_headers` are trusted additions such as the signed tenant header, and
         `extra_response_headers` (RateLimit...) are added to whatever the client receives.
+        `limits_checked` says the caller already ran `check_limits` (the gateway does, before
+        admission, so an oversized request costs no quota).
         """
         settings = self.settings
-        problem = check_limits(headers, settings)
-        if problem is not None:
-            size = await send_problem(send, problem, extra_response_headers)
-            return ProxyResult(problem.status, 0, size)
+        if not limits_checked:
+            problem = check_limits(headers, settings)
+            if problem is not None:
+                size = await send_problem(send, problem, extra_response_headers)
+                return ProxyResult(problem.status, 0, size)
 
         client = scope.get("client")
         out_headers = request_headers(

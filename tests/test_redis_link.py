@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -224,6 +225,15 @@ async def test_closing_during_a_connect_fails_its_callers_with_connectionerror(
     await link.aclose()
 
 
+def _wait_for_unread_reply(conn: Any) -> None:
+    """Block (the loop with it) until the reply is in the socket: a shared Redis under the
+    whole suite can take longer than any fixed sleep."""
+    give_up = time.monotonic() + 10
+    while not conn._unread():
+        assert time.monotonic() < give_up, "redis did not answer within 10 s"
+        time.sleep(0.002)
+
+
 async def _deadline_scenario(url: str) -> None:
     """The reply deadline: a reply that does not come fails its call with TimeoutError, and
     the connection stays usable; a reply that came on time but was left unread because the
@@ -234,7 +244,7 @@ async def _deadline_scenario(url: str) -> None:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(
                 link.execute(pack(b"BLPOP", b"nothing", b"0.3"), timeout_s=0.05), 2)
-        assert await link.execute(pack(b"ECHO", b"next"), timeout_s=1.0) == b"next"
+        assert await link.execute(pack(b"ECHO", b"next"), timeout_s=5.0) == b"next"
         assert await client_id(link) == before
 
         # The reply came on time, but the process was stalled (descheduled on a busy box)
@@ -245,7 +255,8 @@ async def _deadline_scenario(url: str) -> None:
         assert conn is not None
         call = conn.send(pack(b"ECHO", b"late"), 0.01)
         conn._flush()
-        time.sleep(0.2)
+        time.sleep(0.05)  # five deadlines
+        _wait_for_unread_reply(conn)
         conn._check_deadlines()
         assert not call.done()
         assert await call == b"late"
@@ -256,7 +267,7 @@ async def _deadline_scenario(url: str) -> None:
         conn._check_deadlines()
         with pytest.raises(TimeoutError):
             await blocked
-        assert await link.execute(pack(b"ECHO", b"still"), timeout_s=1.0) == b"still"
+        assert await link.execute(pack(b"ECHO", b"still"), timeout_s=5.0) == b"still"
     finally:
         await link.aclose()
 

@@ -25,11 +25,13 @@ import asyncio
 import logging
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Mapping
 from typing import BinaryIO
 
 import orjson
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Metric
+from prometheus_client.utils import floatToGoString
 
 from gateway.admission import Decision
 from gateway.snapshot import Snapshot
@@ -44,32 +46,143 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _REDIS_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
-REQUESTS = Counter(
+
+class Count:
+    """One counter series: its value and when it was first seen (the `_created` sample)."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+
+class Buckets:
+    """One histogram series. Each observation bumps only its own bucket, found by bisection;
+    the cumulative counts Prometheus wants are summed at scrape time, which is rare."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # `le`: a value on a bound counts
+        self.sum += value
+
+
+class LoopCounter:
+    """A labelled counter without prometheus_client's per-update lock, registered on the
+    default registry as a collector that renders what a `Counter` of the same name, help and
+    labels would (`_total` and `_created` per series, in first-seen order).
+
+    No lock because the gateway is single-threaded per process: one asyncio loop, on which
+    the /metrics endpoint also renders, so a scrape never interleaves with an update.
+    `_labelnames` has prometheus_client's attribute name: tests/test_deploy.py reads it to
+    check the rules and dashboards against the labels the code exports."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._labelnames = labelnames
+        self.series: dict[tuple[str, ...], Count] = {}
+        if not labelnames:
+            self.series[()] = Count()
+        REGISTRY.register(self)
+
+    def child(self, *labels: str) -> Count:
+        found = self.series.get(labels)
+        if found is None:
+            found = self.series[labels] = Count()
+        return found
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "counter")]
+
+    def collect(self) -> list[Metric]:
+        family = Metric(self.name, self.documentation, "counter")
+        for key, count in list(self.series.items()):
+            labels = dict(zip(self._labelnames, key, strict=True))
+            family.add_sample(self.name + "_total", labels, float(count.value))
+            family.add_sample(self.name + "_created", labels, count.created)
+        return [family]
+
+
+class LoopHistogram:
+    """A histogram without prometheus_client's per-observation lock and Python bucket loop,
+    rendered as a `Histogram` of the same name, help, labels and buckets would be: cumulative
+    `_bucket` samples up to `+Inf`, then `_count`, `_sum` and `_created` per series. An
+    unlabelled one is exported (all zeros) from the start, as prometheus_client does.
+
+    Single-threaded like LoopCounter, for the same reason; `_labelnames` likewise."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._labelnames = labelnames
+        self.bounds = buckets
+        # prometheus_client's own `le` formatting, so the label values match exactly
+        self._les = [floatToGoString(b) for b in buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], Buckets] = {}
+        if not labelnames:
+            self.series[()] = Buckets(buckets)
+        REGISTRY.register(self)
+
+    def child(self, *labels: str) -> Buckets:
+        found = self.series.get(labels)
+        if found is None:
+            found = self.series[labels] = Buckets(self.bounds)
+        return found
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "histogram")]
+
+    def collect(self) -> list[Metric]:
+        family = Metric(self.name, self.documentation, "histogram")
+        for key, series in list(self.series.items()):
+            labels = dict(zip(self._labelnames, key, strict=True))
+            total = 0
+            for le, n in zip(self._les, series.counts, strict=True):
+                total += n
+                family.add_sample(self.name + "_bucket", {**labels, "le": le}, float(total))
+            family.add_sample(self.name + "_count", labels, float(total))
+            family.add_sample(self.name + "_sum", labels, series.sum)
+            family.add_sample(self.name + "_created", labels, series.created)
+        return [family]
+
+
+REQUESTS = LoopCounter(
     "tollway_gateway_requests",
     "Proxied-path requests answered, by status class and (bounded) tenant",
-    ["status_class", "tenant"],
+    ("status_class", "tenant"),
 )
-LATENCY = Histogram(
+LATENCY = LoopHistogram(
     "tollway_gateway_request_seconds",
     "Time from the request's arrival to its last response byte, by status class and tenant",
-    ["status_class", "tenant"],
-    buckets=_LATENCY_BUCKETS,
+    ("status_class", "tenant"),
+    _LATENCY_BUCKETS,
 )
-OVERHEAD = Histogram(
+OVERHEAD = LoopHistogram(
     "tollway_gateway_overhead_seconds",
     "The gateway's own share of a proxied request: total time minus the upstream's time",
-    buckets=_OVERHEAD_BUCKETS,
+    (),
+    _OVERHEAD_BUCKETS,
 )
-ADMISSIONS = Counter(
+ADMISSIONS = LoopCounter(
     "tollway_gateway_admission_decisions",
     "Admission outcomes: allowed, limited (429) or unavailable (503), by violated policy and "
     "whether Redis was consulted",
-    ["outcome", "policy", "degraded"],
+    ("outcome", "policy", "degraded"),
 )
-ADMISSION_SECONDS = Histogram(
+ADMISSION_SECONDS = LoopHistogram(
     "tollway_gateway_admission_seconds",
     "Time of the admission call: the Redis round trip, or the local decision without it",
-    buckets=_REDIS_BUCKETS,
+    (),
+    _REDIS_BUCKETS,
 )
 UPSTREAM_ERRORS = Counter(
     "tollway_gateway_upstream_errors",
@@ -111,41 +224,41 @@ def _flagged(settings: Mapping[str, object]) -> bool:
 
 
 class RequestMetrics:
-    """Records one request; label children are cached, since `labels()` costs a lock and a
-    validation per call."""
+    """Records one request into the Loop* metrics above; each label combination's series are
+    looked up once and kept, so a request costs one dict lookup and a few additions."""
 
-    __slots__ = ("_admissions", "_children")
+    __slots__ = ("_admission_seconds", "_admissions", "_children", "_overhead")
 
     def __init__(self) -> None:
-        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
-        self._admissions: dict[tuple[str, str, bool], Counter] = {}
+        self._children: dict[tuple[str, str], tuple[Count, Buckets]] = {}
+        self._admissions: dict[tuple[str, str, bool], Count] = {}
+        self._overhead = OVERHEAD.child()
+        self._admission_seconds = ADMISSION_SECONDS.child()
 
     def request(self, status: int, tenant_label: str, seconds: float,
                 upstream_s: float | None) -> None:
         key = (status_class(status), tenant_label)
         children = self._children.get(key)
         if children is None:
-            if len(self._children) > 4 * (METRICS_TENANTS + 2) * len(_CLASSES):
-                self._children.clear()  # only if the allow-list changed many times over
-            children = self._children[key] = (REQUESTS.labels(*key), LATENCY.labels(*key))
-        children[0].inc()
+            children = self._children[key] = (REQUESTS.child(*key), LATENCY.child(*key))
+        children[0].value += 1
         children[1].observe(seconds)
         if upstream_s is not None:
-            OVERHEAD.observe(max(0.0, seconds - upstream_s))
+            self._overhead.observe(max(0.0, seconds - upstream_s))
 
     def admission(self, decision: Decision, seconds: float) -> None:
-        ADMISSION_SECONDS.observe(seconds)
+        self._admission_seconds.observe(seconds)
         key = (
             "allowed" if decision.allowed else ("limited" if decision.status == 429
                                                 else "unavailable"),
             decision.violated or "",
             decision.degraded,
         )
-        child = self._admissions.get(key)
-        if child is None:
-            child = self._admissions[key] = ADMISSIONS.labels(key[0], key[1],
-                                                              "true" if key[2] else "false")
-        child.inc()
+        count = self._admissions.get(key)
+        if count is None:
+            count = self._admissions[key] = ADMISSIONS.child(key[0], key[1],
+                                                             "true" if key[2] else "false")
+        count.value += 1
 
 
 def upstream_error(kind: str) -> None:

@@ -68,12 +68,15 @@ class _Connection(asyncio.Protocol):
         self._watchdog: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_at = 0.0
-        self._fd = -1
+        self._poll: select.poll | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         sock = transport.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None else -1
+        if sock is not None:
+            # poll, not select: a busy gateway holds more than select's 1,024 descriptors
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def send(self, packed: bytes, timeout_s: float = 0.0) -> asyncio.Future[Any]:
         if self.lost:
@@ -135,13 +138,13 @@ class _Connection(asyncio.Protocol):
             self._arm_deadline(upcoming)
 
     def _unread(self) -> bool:
-        if self._fd < 0:
+        """Bytes (or a hang-up, which connection_lost will deal with) wait in the socket."""
+        if self._poll is None:
             return False
         try:
-            readable, _, _ = select.select([self._fd], [], [], 0)
-        except (OSError, ValueError):
+            return bool(self._poll.poll(0))
+        except OSError:
             return False
-        return bool(readable)
 
     def data_received(self, data: bytes) -> None:
         reader, pending = self.reader, self.pending

@@ -5,6 +5,8 @@ AUTH + SELECT and the unix socket."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -274,6 +276,22 @@ async def _deadline_scenario(url: str) -> None:
 
 async def test_the_reply_deadline_times_out_redis_not_the_event_loop(redis_url: str) -> None:
     await _deadline_scenario(redis_url)
+
+
+async def test_the_reply_deadline_with_descriptors_past_select_range(redis_url: str) -> None:
+    """A busy gateway holds thousands of client sockets: the link's socket then has a number
+    select() cannot take. The unread-reply check must still see the reply."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        await _deadline_scenario(redis_url)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_reply_deadline_under_uvloop(server: Server) -> None:

@@ -10,7 +10,8 @@ concurrency. Each round reports `time.process_time()` per call of
 - `log_access` with a handler the process configured itself (a StreamHandler on /dev/null
   with JsonFormatter, as bench_gateway_overhead.py sets up), which takes the logging path,
 - `log_access` with the access logger turned off (level WARNING),
-- `RequestMetrics.request` and `RequestMetrics.admission` (cached label children),
+- `RequestMetrics.request` and `RequestMetrics.admission` (lock-free series, cached per
+  label combination),
 
 and the summary takes the median round.
 """

@@ -92,7 +92,7 @@ class TenantClient(FastHttpUser):
         self._call("POST", "/v1/items", "POST /v1/items", POST_BODY)
 
 
-@events.test_stop.add_listener
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]  # locust ships no types here
 def _report(environment: Any, **_kw: Any) -> None:
     for plan, counts in sorted(statuses.items()):
         line = " ".join(f"{status}={n}" for status, n in sorted(counts.items()))

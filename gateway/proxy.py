@@ -170,6 +170,7 @@ class Proxy:
             pool_size=settings.upstream_pool_size,
             connect_timeout_s=settings.upstream_connect_timeout_s,
             read_timeout_s=settings.upstream_read_timeout_s,
+            ca_file=str(settings.upstream_ca_file) if settings.upstream_ca_file else None,
         )
 
     async def close(self) -> None:

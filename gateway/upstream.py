@@ -403,8 +403,10 @@ class UpstreamClient:
     """Keep-alive connections to upstream origins, at most `pool_size` open in all."""
 
     def __init__(self, *, pool_size: int = 256, connect_timeout_s: float = 2.0,
-                 read_timeout_s: float = 30.0, keepalive_s: float = 30.0) -> None:
+                 read_timeout_s: float = 30.0, keepalive_s: float = 30.0,
+                 ca_file: str | None = None) -> None:
         self.pool_size = pool_size
+        self.ca_file = ca_file
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
@@ -527,7 +529,10 @@ class UpstreamClient:
         tls: ssl.SSLContext | None = None
         if to.scheme == "https":
             if self._tls is None:
+                # Verified, always: the system's CAs, plus an internal CA if configured.
                 self._tls = ssl.create_default_context()
+                if self.ca_file is not None:
+                    self._tls.load_verify_locations(cafile=self.ca_file)
             tls = self._tls
         try:
             async with asyncio.timeout(self.connect_timeout_s):

@@ -57,6 +57,7 @@ class Settings:
     upstream_connect_timeout_s: float = 2.0
     upstream_read_timeout_s: float = 30.0
     upstream_pool_size: int = 256
+    upstream_ca_file: Path | None = None
     max_header_bytes: int = 16384
     max_body_bytes: int = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()

@@ -8,11 +8,19 @@ reused, bytes sent, and the typed failure it reports.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.upstream import (
     _HIGH_WATER,
@@ -649,3 +657,79 @@ async def test_host_header_and_base_path_on_the_wire() -> None:
         assert request.line == b"GET /base/v1/x?q=1 HTTP/1.1"
         assert request.header(b"host") == up.url.removeprefix("http://").encode()
         assert request.header(b"x-trace") == b"t1"
+
+
+def _tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An internal CA, and a server certificate it signed for `localhost` and 127.0.0.1."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("tollway test CA"))
+          .issuer_name(name("tollway test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                       crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False,
+                                       decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt = x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(alt, critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return ca_file, cert_file, key_file
+
+
+async def test_https_upstream_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    ca_file, cert_file, key_file = _tls_files(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert_file, key_file)
+    seen = Upstream(serve_forever(OK))
+    server = await asyncio.start_server(seen._serve, "127.0.0.1", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        trusting = UpstreamClient(ca_file=str(ca_file))
+        try:
+            for host in ("localhost", "127.0.0.1"):  # a name and an address, both verified
+                assert await get(trusting, f"https://{host}:{port}") == (200, b"ok")
+                assert await get(trusting, f"https://{host}:{port}") == (200, b"ok")
+            assert seen.accepted == 2  # kept alive over TLS, one connection per origin
+        finally:
+            await trusting.close()
+        # Without the internal CA the certificate is not trusted: a connect failure, not
+        # a request sent in the clear or to an unverified peer.
+        default = UpstreamClient()
+        try:
+            with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+                await get(default, f"https://localhost:{port}")
+        finally:
+            await default.close()
+        # The CA is trusted, but the certificate does not name this host.
+        other = UpstreamClient(ca_file=str(ca_file))
+        try:
+            with pytest.raises(ConnectFailed):
+                await get(other, f"https://127.0.0.2:{port}")
+        finally:
+            await other.close()
+    finally:
+        server.close()
+        for task in seen._tasks:
+            task.cancel()
+        await asyncio.gather(*seen._tasks, return_exceptions=True)

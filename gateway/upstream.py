@@ -65,10 +65,7 @@ class Origin:
     port: int
     host_header: bytes
     base: bytes
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return self.scheme, self.host, self.port
+    key: tuple[str, str, int]  # what the pool is keyed on
 
 
 @lru_cache(maxsize=1024)
@@ -84,7 +81,7 @@ def origin(url: str) -> Origin:
     shown = f"[{host}]" if ":" in host else host
     header = shown if port == default else f"{shown}:{port}"
     return Origin(parts.scheme, host, port, header.encode("ascii"),
-                  parts.path.rstrip("/").encode("ascii"))
+                  parts.path.rstrip("/").encode("ascii"), (parts.scheme, host, port))
 
 
 def request_head(method: bytes, target: bytes, origin: Origin,
@@ -110,6 +107,7 @@ class _Connection(asyncio.Protocol):
     """One upstream connection, and the response currently being read on it."""
 
     def __init__(self, client: UpstreamClient, key: tuple[str, str, int]) -> None:
+        self.loop = asyncio.get_running_loop()  # built by create_connection, in the loop
         self.client = client
         self.key = key
         self.transport: asyncio.Transport | None = None
@@ -151,7 +149,7 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
             return
         self.got_bytes = True
-        self.progress = self._loop_time()
+        self.progress = self.loop.time()
         try:
             parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -170,19 +168,14 @@ class _Connection(asyncio.Protocol):
             else:
                 reason = f": {exc}" if exc else ""
                 self.failure = UpstreamBroken(f"upstream closed the connection early{reason}")
-        self._wake()
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        _settle(self._waiter, self._head, self._drain)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        _settle(self._drain)
 
     # --- httptools callbacks
 
@@ -203,8 +196,7 @@ class _Connection(asyncio.Protocol):
             self.headers = []
             return
         self.status = status
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
+        _settle(self._head)
         if self._head_only:  # a HEAD response announces a body it does not carry
             self._finish()
 
@@ -236,9 +228,6 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = self._parser.should_keep_alive()
         self._wake()
 
-    def _loop_time(self) -> float:
-        return asyncio.get_running_loop().time()
-
     def sender_done(self, sender: asyncio.Task[None]) -> None:
         """A request body that failed (client gone, too large) ends the exchange: nothing
         else would stop the wait for an answer to a request that was never finished."""
@@ -261,9 +250,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _settle(self._waiter)
 
     def start(self, head_only: bool) -> None:
         """Ready for the next response. llhttp resets itself after each complete response, so
@@ -286,7 +273,7 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._write_paused and not self.closed:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
             await self._drain
         if self.closed and not self.complete:
             raise self.failure or UpstreamBroken("upstream closed the connection")
@@ -296,7 +283,7 @@ class _Connection(asyncio.Protocol):
             raise self.failure
         if self.status:
             return
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self.loop.create_future()
         self._arm(timeout_s)
         try:
             await self._head
@@ -312,7 +299,7 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self.failure is not None:
                 raise self.failure
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.loop.create_future()
             self._arm(timeout_s)
             try:
                 await self._waiter
@@ -342,16 +329,13 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
     def _check_idle(self) -> None:
-        idle = self._loop_time() - self.progress
+        idle = self.loop.time() - self.progress
         if idle < self._timeout_s:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._timeout_s - idle, self._check_idle)
+            self._timer = self.loop.call_later(self._timeout_s - idle, self._check_idle)
             return
         self._timer = None
         self._abort(UpstreamTimeout("the upstream sent nothing within the read timeout"))
-        self._wake()
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
+        _settle(self._waiter, self._head)
 
 
 class Response:
@@ -596,6 +580,13 @@ class UpstreamClient:
         await asyncio.sleep(0)  # let the transports' connection_lost run
 
 
+def _settle(*futures: asyncio.Future[None] | None) -> None:
+    """Wake whoever waits on these futures, if anyone still does."""
+    for future in futures:
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
 def _declares_length(headers: Sequence[Header]) -> bool:
     return any(len(name) == 14 and name.lower() == b"content-length" for name, _ in headers)
 
@@ -613,7 +604,7 @@ async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: boo
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            conn.progress = conn._loop_time()
+            conn.progress = conn.loop.time()
             await conn.drain()
     if chunked and not conn.closed:
         transport.write(b"0\r\n\r\n")
